@@ -1,0 +1,24 @@
+"""The one error type for bad input, so the CLI can turn it into exit code 2 without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class InputError(ValueError):
+    """Bad input from a user: a suite file, a name, a tensor. The message is the whole story."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name most like `name`, for "did you mean" hints."""
+    matches = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> InputError:
+    """An error for a name that is not one of `known`, listing them and the closest match."""
+    known = sorted(known)
+    hint = closest(name, known)
+    did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+    return InputError(f"unknown {kind} {name!r}.{did_you_mean} Known: {', '.join(known) or '(none)'}.")

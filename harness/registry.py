@@ -1,0 +1,183 @@
+"""Which attention implementations exist, and whether each can run here.
+
+Registration is one line beside the function (timm's pattern); listing is a query. Built-in
+implementations live in the `implementations` package; third-party packages add theirs through the
+entry-point group ``harness.implementations`` whose value is a module to import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from harness.errors import unknown_name
+
+ENTRY_POINT_GROUP = "harness.implementations"
+
+# Availability checks get the device and dtype of a case; None means "in general, on this machine".
+AvailabilityCheck = Callable[..., "tuple[bool, str]"]
+
+
+def always_available(**_: object) -> tuple[bool, str]:
+    return True, ""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One kernel for one variant, as the runner and the CLI see it."""
+
+    name: str
+    variant: str
+    fn: Callable = field(repr=False)
+    exact: bool = True
+    summary: str = ""
+    check: AvailabilityCheck = field(default=always_available, repr=False, compare=False)
+    source: str = "builtin"
+
+    def available(self, device: str | None = None, dtype: str | None = None, **case: object) -> tuple[bool, str]:
+        """Whether this kernel runs here (and, given a device and dtype, for that case), and why not."""
+        try:
+            ok, reason = self.check(device=device, dtype=dtype, **case)
+        except Exception as exc:  # a broken availability check must not take the listing down
+            return False, f"availability check failed: {type(exc).__name__}: {exc}"
+        return bool(ok), "" if ok else str(reason)
+
+    def available_for(self, params: object, **extra: object) -> tuple[bool, str]:
+        """Availability for one case's params (a harness.variants.Params)."""
+        case = dict(params.as_dict())  # type: ignore[attr-defined]
+        device, dtype = case.pop("device"), case.pop("dtype")
+        return self.available(device, dtype, **case, **extra)
+
+
+_REGISTRY: dict[tuple[str, str], Implementation] = {}
+_LOAD_ERRORS: dict[str, str] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    variants: Iterable[str],
+    *,
+    exact: bool = True,
+    summary: str | None = None,
+    available: AvailabilityCheck | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` under `name` for each of `variants`.
+
+    The summary defaults to the first line of the function's docstring, so the listing and the
+    code say the same thing.
+    """
+    from harness.variants import VARIANTS
+
+    variants = tuple(variants)
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise unknown_name("variant", variant, VARIANTS)
+
+    def decorate(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        text = summary if summary is not None else (doc[0] if doc else "")
+        module = getattr(fn, "__module__", "") or ""
+        source = "builtin" if module.startswith("implementations") else module
+        for variant in variants:
+            _REGISTRY[(variant, name)] = Implementation(
+                name=name,
+                variant=variant,
+                fn=fn,
+                exact=exact,
+                summary=text,
+                check=available or always_available,
+                source=source,
+            )
+        return fn
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    import implementations
+
+    for info in pkgutil.iter_modules(implementations.__path__, prefix="implementations."):
+        importlib.import_module(info.name)
+
+
+def _load_entry_points() -> None:
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            importlib.import_module(entry_point.value.split(":")[0])
+        except Exception as exc:  # one broken plugin must not hide the others
+            _LOAD_ERRORS[entry_point.name] = f"{type(exc).__name__}: {exc}"
+
+
+def load() -> None:
+    """Import the built-in implementations and every plugin, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    _load_builtins()
+    _load_entry_points()
+
+
+def reload() -> None:
+    """Forget and rediscover everything (tests install plugins at run time)."""
+    global _loaded
+    _REGISTRY.clear()
+    _LOAD_ERRORS.clear()
+    _loaded = False
+    importlib.invalidate_caches()
+    import sys
+
+    for module in [m for m in sys.modules if m == "implementations" or m.startswith("implementations.")]:
+        del sys.modules[module]
+    load()
+
+
+def implementations(variant: str | None = None) -> list[Implementation]:
+    """All registered implementations, optionally of one variant, sorted by variant then name."""
+    from harness.variants import VARIANTS
+
+    load()
+    if variant is not None and variant not in VARIANTS:
+        raise unknown_name("variant", variant, VARIANTS)
+    found = [impl for (v, _), impl in _REGISTRY.items() if variant is None or v == variant]
+    order = list(VARIANTS)
+    return sorted(found, key=lambda impl: (order.index(impl.variant), impl.name))
+
+
+def names(variant: str | None = None) -> list[str]:
+    return sorted({impl.name for impl in implementations(variant)})
+
+
+def get(variant: str, name: str) -> Implementation:
+    """The implementation `name` of `variant`; an unknown name lists the known ones and the closest."""
+    candidates = {impl.name: impl for impl in implementations(variant)}
+    if name not in candidates:
+        raise unknown_name(f"implementation of {variant}", name, candidates)
+    return candidates[name]
+
+
+def load_errors() -> dict[str, str]:
+    """Plugins whose module failed to import, with the reason."""
+    load()
+    return dict(_LOAD_ERRORS)
+
+
+@functools.cache
+def _cuda_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def needs_cuda(device: str | None = None, **_: object) -> tuple[bool, str]:
+    """Availability check for kernels that exist only on CUDA."""
+    if device is not None and not str(device).startswith("cuda"):
+        return False, f"runs on CUDA only, not on {device}"
+    if not _cuda_ok():
+        return False, "no CUDA device"
+    return True, ""

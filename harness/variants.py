@@ -1,0 +1,365 @@
+"""The attention variants: how to build their inputs, count their FLOPs, and compute them exactly.
+
+Each variant comes from one application in the article (see the table in DESIGN.md). The float64
+reference is the ground truth every implementation is measured against; it is computed in query-row
+chunks so that it fits in memory at long sequence lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from harness.errors import InputError, unknown_name
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise unknown_name("dtype", name, DTYPES)
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Params:
+    """One point of a sweep: the shape and placement of a case (the record's `params`)."""
+
+    batch: int = 1
+    heads: int = 1
+    seq_len: int = 128
+    seq_len_kv: int | None = None
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    causal: bool = False
+
+    @property
+    def kv_len(self) -> int:
+        return self.seq_len if self.seq_len_kv is None else self.seq_len_kv
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "heads": self.heads,
+            "seq_len": self.seq_len,
+            "seq_len_kv": self.seq_len_kv,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "device": self.device,
+            "threads": self.threads,
+            "causal": self.causal,
+        }
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments of one kernel call; `call(fn)` runs a kernel on them."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def call(self, fn: Callable) -> torch.Tensor:
+        return fn(*self.args, **self.kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        def size(obj: Any) -> int:
+            if isinstance(obj, torch.Tensor):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, GateWeights):
+                return sum(size(t) for t in obj.tensors())
+            return 0
+
+        return sum(size(a) for a in self.args) + sum(size(a) for a in self.kwargs.values())
+
+
+@dataclass(frozen=True)
+class GateWeights:
+    """The three 1x1 convolutions of the additive attention gate, stored as (out, in) matrices."""
+
+    w_g: torch.Tensor  # (F_int, Cg)
+    b_g: torch.Tensor  # (F_int,)
+    w_x: torch.Tensor  # (F_int, Cx)
+    b_x: torch.Tensor  # (F_int,)
+    w_psi: torch.Tensor  # (1, F_int)
+    b_psi: torch.Tensor  # (1,)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.w_g, self.b_g, self.w_x, self.b_x, self.w_psi, self.b_psi)
+
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GateWeights:
+        return GateWeights(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype, device: str) -> torch.Tensor:
+    # Draw on the CPU in float32 so that a seed gives the same values on every device and dtype.
+    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+class Variant:
+    """What every variant spec provides; see DotProductVariant and GateVariant."""
+
+    name: str
+    description: str
+    task: str
+    kind: str
+
+    def normalize(self, params: Params) -> Params:
+        """The canonical params of a case of this variant; raises InputError when they make no sense."""
+        raise NotImplementedError
+
+    def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        raise NotImplementedError
+
+    def flops(self, params: Params) -> float:
+        raise NotImplementedError
+
+    def tokens(self, params: Params) -> int:
+        raise NotImplementedError
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _positive(params: Params, *keys: str) -> None:
+    for key in keys:
+        value = getattr(params, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{key} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DotProductVariant(Variant):
+    name: str
+    description: str
+    task: str
+    single_head: bool = False
+    always_causal: bool = False
+    cross: bool = False
+    kind: str = "dot_product"
+
+    def normalize(self, params: Params) -> Params:
+        _positive(params, "batch", "heads", "seq_len", "head_dim")
+        if self.single_head and params.heads != 1:
+            params = replace(params, heads=1)
+        if self.cross:
+            if params.seq_len_kv is None:
+                raise InputError(f"{self.name} needs seq_len_kv (the key/value length, Nkv != Nq)")
+            _positive(params, "seq_len_kv")
+        elif params.seq_len_kv is not None:
+            raise InputError(f"seq_len_kv is only for cross_attention; {self.name} attends within one sequence")
+        if self.always_causal and not params.causal:
+            params = replace(params, causal=True)
+        return params
+
+    def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        params = self.normalize(params)
+        torch_type = torch_dtype(dtype or params.dtype)
+        device = device or params.device
+        gen = torch.Generator().manual_seed(seed)
+        b, h, d = params.batch, params.heads, params.head_dim
+        q = _randn((b, h, params.seq_len, d), gen, torch_type, device)
+        k = _randn((b, h, params.kv_len, d), gen, torch_type, device)
+        v = _randn((b, h, params.kv_len, d), gen, torch_type, device)
+        return Inputs((q, k, v), {"causal": params.causal})
+
+    def flops(self, params: Params) -> float:
+        # Two matmuls of 2·Nq·Nkv·D each per head; a causal mask skips half of the pairs.
+        total = 4.0 * params.batch * params.heads * params.seq_len * params.kv_len * params.head_dim
+        return total / 2 if params.causal else total
+
+    def tokens(self, params: Params) -> int:
+        return params.batch * params.seq_len
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        q, k, v = inputs.args
+        return reference_attention(
+            q,
+            k,
+            v,
+            causal=inputs.kwargs.get("causal", False),
+            scale=inputs.kwargs.get("scale"),
+            mask=inputs.kwargs.get("mask"),
+        )
+
+
+def causal_mask(
+    n_q: int, n_kv: int, device: str | torch.device = "cpu", row_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (Nq, Nkv) mask, True = attend, aligned top-left like torch's ``is_causal``.
+
+    `row_ids` gives the absolute query positions when only some rows are computed.
+    """
+    rows = torch.arange(n_q, device=device) if row_ids is None else row_ids.to(device)
+    return torch.arange(n_kv, device=device)[None, :] <= rows[:, None]
+
+
+def with_causal(
+    mask: torch.Tensor | None,
+    causal: bool,
+    n_q: int,
+    n_kv: int,
+    device: torch.device,
+    row_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
+    if not causal:
+        return mask
+    tri = causal_mask(n_q, n_kv, device, row_ids)
+    if mask is None:
+        return tri
+    if mask.dtype == torch.bool:
+        return mask & tri
+    return mask.masked_fill(~tri, float("-inf"))
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """Float64 softmax(q kᵀ · scale + mask) v, in query-row chunks; fully masked rows give zeros.
+
+    `rows` restricts the result to a slice of query rows (the runner samples rows of very long
+    sequences); the returned tensor then holds only those rows.
+    """
+    n_q, n_kv, d = q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    rows = rows or slice(0, n_q)
+    start, stop, step = rows.indices(n_q)
+    k64, v64 = k.double(), v.double()
+    row_ids = torch.arange(start, stop, step, device=q.device)
+    # Bound the float64 score block to ~32M elements (256 MiB).
+    chunk = max(1, (32 << 20) // max(1, q.shape[0] * q.shape[1] * n_kv))
+    out = []
+    for i in range(0, len(row_ids), chunk):
+        idx = row_ids[i : i + chunk]
+        scores = torch.matmul(q[:, :, idx].double(), k64.transpose(-2, -1)) * scale
+        if mask is not None:
+            m = mask if mask.shape[-2] == 1 else mask[..., idx, :]
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.double()
+        if causal:
+            allowed = torch.arange(n_kv, device=q.device)[None, :] <= idx[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        out.append(torch.matmul(weights, v64))
+    return torch.cat(out, dim=2)
+
+
+@dataclass(frozen=True)
+class GateVariant(Variant):
+    """Attention U-Net's additive gate: out = x · σ(ψ(relu(W_g·g + W_x·x))), all 1x1 convolutions.
+
+    Sweep axes map as: `seq_len` = pixels per image (a square side² ), `head_dim` = channels of x and
+    of g, F_int = head_dim // 2 (the paper's choice of halving the channels).
+    """
+
+    name: str = "attention_gate"
+    description: str = "Attention U-Net additive gate on skip connections"
+    task: str = "image segmentation"
+    kind: str = "gate"
+
+    def normalize(self, params: Params) -> Params:
+        _positive(params, "batch", "seq_len", "head_dim")
+        side = math.isqrt(params.seq_len)
+        if side * side != params.seq_len:
+            raise InputError(
+                f"attention_gate needs seq_len = pixels of a square image (a perfect square such as "
+                f"{side * side} or {(side + 1) ** 2}), got {params.seq_len}"
+            )
+        if params.seq_len_kv is not None:
+            raise InputError("seq_len_kv is only for cross_attention; attention_gate has one image")
+        if params.causal:
+            raise InputError("causal does not apply to attention_gate")
+        return replace(params, heads=1)
+
+    @staticmethod
+    def channels(params: Params) -> tuple[int, int, int]:
+        """(Cx, Cg, F_int) for a case."""
+        return params.head_dim, params.head_dim, max(1, params.head_dim // 2)
+
+    def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        params = self.normalize(params)
+        torch_type = torch_dtype(dtype or params.dtype)
+        device = device or params.device
+        gen = torch.Generator().manual_seed(seed)
+        side = math.isqrt(params.seq_len)
+        cx, cg, f_int = self.channels(params)
+        x = _randn((params.batch, cx, side, side), gen, torch_type, device)
+        g = _randn((params.batch, cg, side, side), gen, torch_type, device)
+        # Kaiming-like scaling keeps the pre-activations O(1), so the sigmoid is not saturated.
+        weights = GateWeights(
+            w_g=_randn((f_int, cg), gen, torch.float32, "cpu") / math.sqrt(cg),
+            b_g=_randn((f_int,), gen, torch.float32, "cpu") * 0.1,
+            w_x=_randn((f_int, cx), gen, torch.float32, "cpu") / math.sqrt(cx),
+            b_x=_randn((f_int,), gen, torch.float32, "cpu") * 0.1,
+            w_psi=_randn((1, f_int), gen, torch.float32, "cpu") / math.sqrt(f_int),
+            b_psi=_randn((1,), gen, torch.float32, "cpu") * 0.1,
+        ).to(dtype=torch_type, device=device)
+        return Inputs((x, g, weights))
+
+    def flops(self, params: Params) -> float:
+        cx, cg, f_int = self.channels(params)
+        pixels = params.batch * params.seq_len
+        convs = 2.0 * pixels * f_int * (cg + cx + 1)
+        pointwise = pixels * (2 * f_int + cx + 1)  # add + relu, the final multiply, the sigmoid
+        return convs + pointwise
+
+    def tokens(self, params: Params) -> int:
+        return params.batch * params.seq_len
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        x, g, weights = inputs.args
+        return reference_gate(x, g, weights)
+
+
+def reference_gate(x: torch.Tensor, g: torch.Tensor, weights: GateWeights) -> torch.Tensor:
+    w = weights.to(dtype=torch.float64)
+    x64, g64 = x.double(), g.double()
+    pre = torch.einsum("fc,bchw->bfhw", w.w_g, g64) + w.b_g[:, None, None]
+    pre = pre + torch.einsum("fc,bchw->bfhw", w.w_x, x64) + w.b_x[:, None, None]
+    alpha = torch.sigmoid(torch.einsum("of,bfhw->bohw", w.w_psi, torch.relu(pre)) + w.b_psi[:, None, None])
+    return x64 * alpha
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        DotProductVariant(
+            "self_attention",
+            "single-head self-attention (the article's SelfAttention module)",
+            "text classification",
+            single_head=True,
+        ),
+        DotProductVariant("multi_head", "multi-head self-attention", "image captioning"),
+        DotProductVariant("causal", "causal (GPT-style) multi-head attention", "chatbot", always_causal=True),
+        DotProductVariant("cross_attention", "cross-modal attention, Nq != Nkv", "image-text retrieval", cross=True),
+        GateVariant(),
+    )
+}
+
+
+DOT_PRODUCT_VARIANTS: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.kind == "dot_product")
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise unknown_name("variant", name, VARIANTS)
+    return VARIANTS[name]

@@ -1,0 +1,1 @@
+"""Built-in attention implementations; each module registers its kernels on import."""

@@ -1,0 +1,120 @@
+"""torch's scaled_dot_product_attention: `sdpa` lets torch choose, `sdpa.<backend>` pins one.
+
+Whether a pinned backend runs depends on device, dtype, head_dim, masks and torch's build, so
+availability is answered by trying it on a tiny input of the case's kind, not by a hand-kept table.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness.checks import check_qkv
+from harness.registry import register
+from harness.variants import DOT_PRODUCT_VARIANTS, with_causal
+
+BACKENDS: dict[str, SDPBackend | None] = {
+    "sdpa": None,
+    "sdpa.math": SDPBackend.MATH,
+    "sdpa.flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa.efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa.cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def _call(
+    backend: SDPBackend | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    if mask is not None and causal:
+        # SDPA refuses attn_mask together with is_causal; fold the causal mask in instead.
+        mask, causal = with_causal(mask, True, q.shape[2], k.shape[2], q.device), False
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe(
+    backend: SDPBackend | None, device: str, dtype: str, head_dim: int, causal: bool, masked: bool, cross: bool
+) -> tuple[bool, str]:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return False, "no CUDA device"
+    torch_type = getattr(torch, dtype)
+    n_q, n_kv = (8, 12) if cross else (8, 8)
+    q = torch.randn(1, 2, n_q, head_dim, device=device, dtype=torch_type)
+    k = torch.randn(1, 2, n_kv, head_dim, device=device, dtype=torch_type)
+    mask = torch.ones(n_q, n_kv, dtype=torch.bool, device=device) if masked else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _call(backend, q, k, k, causal, None, mask)
+        except Exception:
+            # torch explains in warnings why each backend declined; they beat the generic error.
+            why = [str(w.message).splitlines()[0] for w in caught if "ignore" not in str(w.message).lower()]
+            kernel = backend.name if backend else "SDPA"
+            detail = f": {why[0][:100]}" if why else ""
+            return False, f"torch {torch.__version__} has no {kernel} kernel for {device}/{dtype}{detail}"
+    return True, ""
+
+
+def _availability(backend: SDPBackend | None):
+    def check(
+        device: str | None = None,
+        dtype: str | None = None,
+        head_dim: int = 64,
+        causal: bool = False,
+        masked: bool = False,
+        seq_len_kv: int | None = None,
+        **_: object,
+    ) -> tuple[bool, str]:
+        if device is None:
+            # "In general": does it run on any device this machine has, in a dtype it is meant for?
+            tries = [("cpu", "float32")]
+            if torch.cuda.is_available():
+                tries += [("cuda", "float16"), ("cuda", "bfloat16")]
+            results = [_probe(backend, dev, dt, 64, False, False, False) for dev, dt in tries]
+            return next((r for r in results if r[0]), results[-1])
+        return _probe(
+            backend, str(device), dtype or "float32", int(head_dim), bool(causal), bool(masked), seq_len_kv is not None
+        )
+
+    return check
+
+
+def _make(name: str, backend: SDPBackend | None):
+    def sdpa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_qkv(q, k, v, mask)
+        return _call(backend, q, k, v, causal, scale, mask)
+
+    sdpa.__name__ = sdpa.__qualname__ = name.replace(".", "_")
+    what = "backend chosen by torch" if backend is None else f"pinned to {backend.name}"
+    register(
+        name,
+        DOT_PRODUCT_VARIANTS,
+        summary=f"torch scaled_dot_product_attention, {what}",
+        available=_availability(backend),
+    )(sdpa)
+    return sdpa
+
+
+for _name, _backend in BACKENDS.items():
+    _make(_name, _backend)

@@ -1,0 +1,142 @@
+"""Every available implementation of every variant against the float64 reference."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import implementations.memory_efficient as memory_efficient_module
+from harness import registry
+from harness.variants import DOT_PRODUCT_VARIANTS, VARIANTS, Inputs, Params
+from tests.conftest import assert_accurate
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+SHAPES = {
+    "self_attention": Params(batch=2, seq_len=67, head_dim=32),
+    "multi_head": Params(batch=2, heads=3, seq_len=67, head_dim=32),
+    "causal": Params(batch=2, heads=3, seq_len=67, head_dim=32),
+    "cross_attention": Params(batch=2, heads=3, seq_len=67, seq_len_kv=45, head_dim=32),
+    "attention_gate": Params(batch=2, seq_len=81, head_dim=12),
+}
+
+
+def cases():
+    for variant in VARIANTS:
+        for impl in registry.implementations(variant):
+            for dtype in DTYPES:
+                yield pytest.param(variant, impl.name, dtype, id=f"{variant}-{impl.name}-{dtype}")
+
+
+@pytest.mark.parametrize(("variant", "name", "dtype"), cases())
+def test_matches_the_float64_reference(variant, name, dtype):
+    impl = registry.get(variant, name)
+    spec = VARIANTS[variant]
+    params = spec.normalize(SHAPES[variant])
+    ok, why = impl.available_for(replace(params, dtype=dtype))
+    if not ok:
+        pytest.skip(why)
+    assert_accurate(variant, spec.make_inputs(params, dtype=dtype, seed=3), impl)
+
+
+def _dot_product_impls(dtype="float32", **case):
+    return [i.name for i in registry.implementations("multi_head") if i.available("cpu", dtype, **case)[0]]
+
+
+@pytest.mark.parametrize("name", _dot_product_impls(causal=True, seq_len_kv=1))
+@pytest.mark.parametrize(("n_q", "n_kv"), [(40, 70), (70, 40), (1, 9)])
+def test_causal_with_unequal_lengths_is_aligned_top_left(name, n_q, n_kv):
+    spec = VARIANTS["cross_attention"]
+    inputs = spec.make_inputs(Params(batch=2, heads=2, seq_len=n_q, seq_len_kv=n_kv, head_dim=16), seed=1)
+    inputs.kwargs["causal"] = True
+    assert_accurate("cross_attention", inputs, registry.get("cross_attention", name))
+
+
+def _masked(kind: str, shape: tuple[int, ...], n_q: int, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    keep = torch.rand(*shape[:-2], n_q, n_kv, generator=gen) > 0.3
+    keep[..., 0] = True  # every row sees at least one key here; fully masked rows are tested apart
+    if kind == "bool":
+        return keep
+    bias = torch.randn(*keep.shape, generator=gen) * 0.5
+    return bias.masked_fill(~keep, float("-inf")).to(dtype)
+
+
+@pytest.mark.parametrize("name", _dot_product_impls(masked=True))
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("mask_shape", [(1, 1), (2, 1), (2, 3)], ids=["broadcast", "per-batch", "per-head"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks_follow_torch_conventions(name, kind, mask_shape, causal):
+    spec = VARIANTS["cross_attention"]
+    inputs = spec.make_inputs(Params(batch=2, heads=3, seq_len=37, seq_len_kv=53, head_dim=16), seed=2)
+    inputs.kwargs.update(mask=_masked(kind, mask_shape, 37, 53, torch.float32), causal=causal)
+    assert_accurate("cross_attention", inputs, registry.get("cross_attention", name))
+
+
+@pytest.mark.parametrize("name", _dot_product_impls(masked=True))
+def test_fully_masked_rows_give_zeros_not_nan(name):
+    spec = VARIANTS["multi_head"]
+    inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=20, head_dim=8), seed=4)
+    mask = torch.ones(20, 20, dtype=torch.bool)
+    mask[5] = False
+    inputs.kwargs["mask"] = mask
+    out = inputs.call(registry.get("multi_head", name).fn)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny tiles so that short test inputs exercise many query and key tiles."""
+    monkeypatch.setattr(memory_efficient_module, "Q_TILE", 16)
+    monkeypatch.setattr(memory_efficient_module, "K_TILE", 24)
+    monkeypatch.setattr(memory_efficient_module, "TILE_ELEMENTS", 16 * 24 * 2)
+
+
+@pytest.mark.parametrize("variant", DOT_PRODUCT_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memory_efficient_across_many_ragged_tiles(small_tiles, variant, dtype):
+    spec = VARIANTS[variant]
+    params = spec.normalize(
+        Params(batch=2, heads=3, seq_len=101, seq_len_kv=77 if variant == "cross_attention" else None, head_dim=16)
+    )
+    assert_accurate(variant, spec.make_inputs(params, dtype=dtype, seed=5), registry.get(variant, "memory_efficient"))
+
+
+def test_memory_efficient_rescales_when_a_later_key_tile_has_much_larger_scores(small_tiles):
+    spec = VARIANTS["multi_head"]
+    inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=40, head_dim=16), seed=6)
+    q, k, v = inputs.args
+    # Scores of the last keys are ~e^400 times larger than the first tile's: the lagged maximum would
+    # overflow float32 without the exact rescaling step.
+    k[:, :, -10:] = q[:, :, :1] * 60
+    assert_accurate("multi_head", inputs, registry.get("multi_head", "memory_efficient"))
+
+
+def test_memory_efficient_rows_that_see_keys_only_late_are_exact(small_tiles):
+    spec = VARIANTS["multi_head"]
+    inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=30, head_dim=8), seed=8)
+    mask = torch.zeros(30, 60, dtype=torch.bool)
+    mask[:, 50:] = True  # the first two key tiles are fully masked for every row
+    q, k, v = inputs.args
+    inputs = Inputs((q, torch.cat([k, k], 2), torch.cat([v, v], 2)), {"mask": mask})
+    assert_accurate("cross_attention", inputs, registry.get("cross_attention", "memory_efficient"))
+
+
+@pytest.mark.parametrize("name", _dot_product_impls())
+def test_explicit_scale_is_honoured(name):
+    spec = VARIANTS["multi_head"]
+    inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=33, head_dim=16), seed=9)
+    inputs.kwargs["scale"] = 0.05
+    assert_accurate("multi_head", inputs, registry.get("multi_head", name))
+
+
+def test_float64_inputs_stay_float64():
+    spec = VARIANTS["multi_head"]
+    inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=33, head_dim=16, dtype="float64"))
+    for name in ("naive", "memory_efficient", "chunked"):
+        out = inputs.call(registry.get("multi_head", name).fn)
+        assert out.dtype == torch.float64
+        assert torch.allclose(out, spec.reference(inputs), atol=1e-12)
