@@ -14,8 +14,9 @@ from rich.console import Console
 
 from harness.errors import InputError
 
-console = Console()
-err_console = Console(stderr=True)
+# Wide enough for the tables when output goes to a file or CI log rather than a terminal.
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -59,6 +60,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.console import RunProgress, summary_table
+    from harness.runner import run_suite
+    from harness.suite import check_only, load_suite, quick_version
+
+    if args.out and args.resume:
+        raise InputError("--out and --resume exclude each other: --resume DIR writes into DIR")
+    suite = load_suite(args.suite)
+    if args.only:
+        check_only(suite, args.only)
+    if args.quick:
+        suite = quick_version(suite)
+    result = run_suite(suite, args.out, resume=args.resume, only=args.only, progress=RunProgress(console))
+    console.print(summary_table(result.records))
+    report = _write_report(result.out_dir)
+    console.print(f"results: {result.out_dir}/" + (f"  report: {report}" if report else ""), highlight=False)
+    if result.interrupted:
+        err_console.print(f"interrupted; finished cases are kept. Continue with: --resume {result.out_dir}")
+        return 130
+    if args.strict and (result.failed or result.inaccurate):
+        err_console.print(
+            f"--strict: {len(result.failed)} failed and {len(result.inaccurate)} inaccurate cases", highlight=False
+        )
+        return 1
+    return 0
+
+
+def _write_report(run_dir) -> str | None:
+    """The HTML report when the report package is present; a failure here never loses results."""
+    try:
+        from harness.report import write_report
+    except ImportError:
+        return None
+    try:
+        return str(write_report(run_dir))
+    except Exception as exc:  # the measurements are on disk already; say what went wrong and go on
+        err_console.print(f"[yellow]report not written: {type(exc).__name__}: {exc}[/yellow]")
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -66,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("list", help="the variant x implementation matrix with availability")
     p.add_argument("--variant", help="only this variant")
     p.set_defaults(func=cmd_list)
+
+    p = verbs.add_parser("run", help="run a suite; results in results/<suite>-<UTC time>/")
+    p.add_argument("suite", help="suite YAML file, e.g. suites/self_attn.yaml")
+    p.add_argument("--out", help="run folder to write (default results/<suite>-<UTC timestamp>)")
+    p.add_argument("--resume", metavar="DIR", help="continue a run folder: run only the cases not recorded")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these implementations")
+    p.add_argument("--quick", action="store_true", help="few sizes, short timing")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any case failed or was inaccurate")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from harness.errors import unknown_name
 
 ENTRY_POINT_GROUP = "harness.implementations"
+# Comma-separated modules to import as plugins without packaging them (local experiments, tests).
+PLUGINS_ENV = "HARNESS_PLUGINS"
 
 # Availability checks get the device and dtype of a case; None means "in general, on this machine".
 AvailabilityCheck = Callable[..., "tuple[bool, str]"]
@@ -55,6 +57,7 @@ class Implementation:
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
 _LOAD_ERRORS: dict[str, str] = {}
+_PLUGIN_MODULES: set[str] = set()
 _loaded = False
 
 
@@ -107,10 +110,23 @@ def _load_builtins() -> None:
 
 def _load_entry_points() -> None:
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        module = entry_point.value.split(":")[0]
+        _PLUGIN_MODULES.add(module)
         try:
-            importlib.import_module(entry_point.value.split(":")[0])
+            importlib.import_module(module)
         except Exception as exc:  # one broken plugin must not hide the others
             _LOAD_ERRORS[entry_point.name] = f"{type(exc).__name__}: {exc}"
+
+
+def _load_env_plugins() -> None:
+    import os
+
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        _PLUGIN_MODULES.add(module)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            _LOAD_ERRORS[module] = f"{type(exc).__name__}: {exc}"
 
 
 def load() -> None:
@@ -121,6 +137,7 @@ def load() -> None:
     _loaded = True
     _load_builtins()
     _load_entry_points()
+    _load_env_plugins()
 
 
 def reload() -> None:
@@ -132,8 +149,10 @@ def reload() -> None:
     importlib.invalidate_caches()
     import sys
 
-    for module in [m for m in sys.modules if m == "implementations" or m.startswith("implementations.")]:
+    stale = [m for m in sys.modules if m in _PLUGIN_MODULES or m == "implementations" or m.startswith("implementations.")]
+    for module in stale:
         del sys.modules[module]
+    _PLUGIN_MODULES.clear()
     load()
 
 

@@ -1,0 +1,202 @@
+"""Records and the run folder: one JSON object per case, appended and flushed as each case ends.
+
+A run folder is locked while a run writes into it, so two runs cannot interleave their records.
+Reading tolerates a torn last line (a run killed mid-write) and drops it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from harness.errors import InputError
+
+RECORD_KEYS = (
+    "suite", "variant", "implementation", "case_id", "params", "status", "reason", "time_s", "tflops",
+    "tokens_per_s", "peak_memory_bytes", "max_abs_err", "max_rel_err", "tolerance", "accurate",
+)
+STATUSES = ("ok", "skipped", "error", "timeout", "oom", "crash")
+JSONL = "results.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf; store them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def new_record(suite: str, variant: str, implementation: str, case_id: str, params: dict, **fields: Any) -> dict:
+    record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+    record.update(suite=suite, variant=variant, implementation=implementation, case_id=case_id, params=params)
+    record.update(status="ok", reason="")
+    record.update(fields)
+    return record
+
+
+class RunFolder:
+    """The folder a run writes into, held under an exclusive lock for the run's lifetime."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(f"{self.path}: results folder is not writable: {exc.strerror}") from None
+        self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise InputError(
+                f"{self.path}: another run ({holder}) is writing into this folder; wait for it to end "
+                "or choose another --out"
+            ) from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()}")
+        self._lock.flush()
+        self._jsonl = open(self.path / JSONL, "a", encoding="utf-8")  # noqa: SIM115
+        if self._jsonl.tell() > 0:
+            self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        """A run killed mid-line leaves a torn last line; cut it so appends start on a fresh line."""
+        path = self.path / JSONL
+        data = path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        self._jsonl.seek(0, os.SEEK_END)
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(_clean(record), allow_nan=False)
+        self._jsonl.write(line + "\n")
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+
+    def write_json(self, name: str, data: dict) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False))
+        tmp.replace(self.path / name)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._lock.close()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a run folder (or a .jsonl file); a torn or corrupt line is dropped, not fatal."""
+    path = Path(path)
+    file = path / JSONL if path.is_dir() else path
+    if not file.exists():
+        raise InputError(f"{path}: no {JSONL} here; is this a run folder?")
+    records = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "case_id" in record:
+            records.append(record)
+    return records
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """One record per case_id, the last one written (a resumed run may repeat none, but be safe)."""
+    by_id: dict[str, dict] = {}
+    for record in records:
+        by_id[record["case_id"]] = record
+    return list(by_id.values())
+
+
+def to_frame(records: list[dict]):
+    """A flat pandas DataFrame: params.* and time_s.* become columns; samples are left out."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        row = {k: v for k, v in r.items() if k not in ("params", "time_s")}
+        row.update(r.get("params") or {})
+        for key, value in (r.get("time_s") or {}).items():
+            if key != "samples":
+                row[f"time_{key}"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for column in ("max_abs_err", "max_rel_err", "tolerance", "tflops", "tokens_per_s"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def write_csv(records: list[dict], path: str | Path) -> None:
+    to_frame(records).to_csv(path, index=False)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What the numbers of a run depend on: versions, devices, threads, commit."""
+    import torch
+
+    import harness
+
+    env = {
+        "harness_version": harness.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    return env

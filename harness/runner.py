@@ -1,0 +1,221 @@
+"""Runs the cases of a suite in worker processes and writes one record per case as it ends.
+
+A case that raises, runs past its timeout, exhausts memory or kills its worker becomes a record
+with status error/timeout/oom/crash and a reason; the parent starts a fresh worker and the sweep
+goes on. Records are flushed to disk one by one, so an interrupted run loses no finished case and
+`--resume` runs only the missing ones.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness import registry
+from harness.errors import InputError
+from harness.results import JSONL, RunFolder, environment, new_record, read_records, write_csv
+from harness.suite import Case, Suite, expand
+
+POLL_S = 0.05
+
+
+def _rss(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class Worker:
+    """One spawned worker process, replaced whenever a case kills it or must be stopped."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def _start(self) -> None:
+        from harness.worker import serve
+
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=serve, args=(child,), daemon=True, name="harness-worker")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def stop(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if not kill and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(5)
+            except (OSError, BrokenPipeError):
+                pass
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._conn.close()
+        self._proc = self._conn = None
+
+    def run(self, task: dict, timeout_s: float, memory_limit: int | None) -> dict:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        self._conn.send(task)
+        started = time.monotonic()
+        peak = 0
+        while True:
+            if self._conn.poll(POLL_S):
+                try:
+                    return self._conn.recv()
+                except (EOFError, OSError):
+                    pass  # the worker died while sending; fall through to the liveness check
+            if not self._proc.is_alive():
+                code = self._proc.exitcode
+                self.stop(kill=True)
+                if code == -signal.SIGKILL:
+                    return {"status": "oom", "reason": "worker killed by SIGKILL (most likely the OOM killer)"}
+                return {"status": "crash", "reason": f"worker died with {_signal_name(code)}"}
+            if time.monotonic() - started > timeout_s:
+                self.stop(kill=True)
+                return {"status": "timeout", "reason": f"still running after the {timeout_s:g} s limit"}
+            if memory_limit:
+                rss = _rss(self._proc.pid)
+                peak = max(peak, rss)
+                if rss > memory_limit:
+                    self.stop(kill=True)
+                    return {
+                        "status": "oom",
+                        "reason": f"worker memory reached {rss / 2**30:.2f} GiB, over the "
+                        f"{memory_limit / 2**30:g} GiB limit",
+                    }
+
+
+def default_out_dir(suite: Suite, root: str | Path = "results") -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(root) / f"{suite.name}-{stamp}"
+
+
+def skip_reason(case: Case) -> str:
+    """Why a case cannot run here at all (no CUDA, backend has no kernel for the dtype), or ''."""
+    if case.skip_reason:
+        return case.skip_reason
+    device = case.params.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device on this machine"
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"{device} does not exist (this machine has {torch.cuda.device_count()} CUDA devices)"
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            return "no MPS device on this machine"
+    ok, why = registry.get(case.variant, case.implementation).available_for(case.params)
+    return "" if ok else why
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    records: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] in ("error", "timeout", "oom", "crash")]
+
+    @property
+    def inaccurate(self) -> list[dict]:
+        return [r for r in self.records if r["status"] == "ok" and r.get("accurate") is False]
+
+
+def task_for(case: Case, suite: Suite) -> dict:
+    return {
+        "variant": case.variant,
+        "implementation": case.implementation,
+        "params": case.params.as_dict(),
+        "measure": list(suite.measure),
+        "timing": suite.timing.model_dump(),
+        "seed": suite.seed,
+    }
+
+
+def run_suite(
+    suite: Suite,
+    out_dir: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    only: list[str] | None = None,
+    progress: Any = None,
+) -> RunResult:
+    """Run every case of `suite` not already recorded in the run folder; see module docstring."""
+    if resume is not None:
+        out = Path(resume)
+        if not (out / JSONL).exists():
+            raise InputError(f"--resume {out}: no {JSONL} there; nothing to resume")
+    else:
+        out = Path(out_dir) if out_dir is not None else default_out_dir(suite)
+    cases = expand(suite, only)
+    result = RunResult(out)
+    with RunFolder(out) as folder:
+        done = {r["case_id"]: r for r in read_records(out)} if (out / JSONL).exists() else {}
+        if resume is None or not (out / "env.json").exists():
+            env = environment() | {
+                "suite": suite.name,
+                "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "pid": os.getpid(),
+            }
+            folder.write_json("env.json", env)
+        folder.write_json("suite.json", suite.model_dump(mode="json"))
+        result.records.extend(done.values())
+        todo = [c for c in cases if c.case_id not in done]
+        memory_limit = int(suite.limits.memory_gib * 2**30) if suite.limits.memory_gib else None
+        worker = Worker()
+        if progress is not None:
+            progress.start(len(todo), already=len(done))
+        try:
+            for case in todo:
+                if progress is not None:
+                    progress.case_started(case)
+                why = skip_reason(case)
+                if why:
+                    outcome: dict = {"status": "skipped", "reason": why}
+                else:
+                    outcome = worker.run(task_for(case, suite), suite.limits.timeout_s, memory_limit)
+                record = new_record(
+                    suite.name, case.variant, case.implementation, case.case_id, case.params.as_dict(), **outcome
+                )
+                folder.append(record)
+                result.records.append(record)
+                if progress is not None:
+                    progress.case_finished(case, record)
+        except KeyboardInterrupt:
+            result.interrupted = True
+        finally:
+            worker.stop(kill=result.interrupted)
+            if progress is not None:
+                progress.stop()
+        write_csv(result.records, out / "results.csv")
+    return result

@@ -1,0 +1,114 @@
+"""The worker process: builds inputs, checks accuracy, measures memory and time for one case.
+
+It runs in its own process (spawned by harness.runner) so that a kernel that crashes, hangs or
+exhausts memory takes only the worker down; the parent records what happened and starts another.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+
+from harness import registry
+from harness.accuracy import Baseline, baseline
+from harness.memory import peak_memory
+from harness.timing import TimingSettings, time_callable
+from harness.variants import Params, get_variant
+
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return any(marker in str(exc).lower() for marker in OOM_MARKERS)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+
+
+class CaseRunner:
+    """Runs cases one after another, reusing the reference of a shape across its implementations."""
+
+    def __init__(self) -> None:
+        self._baseline_key: tuple | None = None
+        self._inputs = None
+        self._baseline: Baseline | None = None
+
+    def _prepare(self, variant: str, params: Params, seed: int, with_accuracy: bool):
+        key = (variant, params, seed, with_accuracy)
+        if key != self._baseline_key:
+            self._inputs = self._baseline = None  # free the previous shape's tensors first
+            spec = get_variant(variant)
+            self._inputs = spec.make_inputs(params, seed=seed)
+            if with_accuracy:
+                self._baseline = baseline(spec, self._inputs, registry.get(variant, "naive").fn)
+            self._baseline_key = key
+        return self._inputs, self._baseline
+
+    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with torch.inference_mode():
+                return self._run(task)
+        except BaseException as exc:  # a kernel's failure is a result, not the worker's end
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            self._baseline_key = self._inputs = self._baseline = None
+            status = "oom" if _is_oom(exc) else "error"
+            message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+            return {"status": status, "reason": f"{type(exc).__name__}: {message}{_where(exc)}"}
+
+    def _run(self, task: dict[str, Any]) -> dict[str, Any]:
+        params = Params(**task["params"])
+        variant, measure = task["variant"], set(task["measure"])
+        if params.threads is not None:
+            torch.set_num_threads(params.threads)
+        impl = registry.get(variant, task["implementation"])
+        inputs, base = self._prepare(variant, params, task["seed"], "accuracy" in measure)
+
+        def call() -> torch.Tensor:
+            return inputs.call(impl.fn)
+
+        result: dict[str, Any] = {"status": "ok", "reason": "", "threads_used": torch.get_num_threads()}
+        output = call()  # first call: never timed (lazy init, compilation, autotuning)
+        if not isinstance(output, torch.Tensor):
+            return {"status": "error", "reason": f"returned {type(output).__name__}, expected a torch.Tensor"}
+        expected = tuple(inputs.args[0].shape)
+        if tuple(output.shape) != expected:
+            return {"status": "error", "reason": f"wrong output shape {tuple(output.shape)}, expected {expected}"}
+        if base is not None:
+            accuracy = base.judge(output)
+            result.update(accuracy.as_record())
+            if not accuracy.accurate:
+                result["reason"] = accuracy.reason
+        del output
+        if "memory" in measure:
+            result["peak_memory_bytes"] = peak_memory(call, params.device)
+        if "time" in measure:
+            stats = time_callable(call, TimingSettings(**task["timing"]), params.device)
+            spec = get_variant(variant)
+            result["time_s"] = stats.as_record()
+            result["tflops"] = spec.flops(params) / stats.median / 1e12
+            result["tokens_per_s"] = spec.tokens(params) / stats.median
+        return result
+
+
+def serve(conn: Any) -> None:
+    """Worker main loop: receive a task, send back its result; None stops the worker."""
+    runner = CaseRunner()
+    registry.load()
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        conn.send(runner.run(task))

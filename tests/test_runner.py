@@ -1,0 +1,195 @@
+"""The runner: isolation, fault records, resume, locking, record contents."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import registry
+from harness.errors import InputError
+from harness.results import RECORD_KEYS, RunFolder, read_records
+from harness.runner import run_suite
+from harness.suite import parse_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAST_TIMING = "timing: {warmup: 1, min_time_s: 0.01, min_samples: 3, max_time_s: 0.5, min_sample_time_s: 0}"
+
+
+@pytest.fixture
+def faulty_plugins(monkeypatch):
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins.faulty")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    registry.reload()
+    yield
+    monkeypatch.delenv("HARNESS_PLUGINS")
+    registry.reload()
+
+
+def suite_text(implementations: list[str], extra: str = "", seq_len: str = "[32]") -> str:
+    return textwrap.dedent(f"""\
+        name: t
+        variants: [multi_head]
+        implementations: {json.dumps(implementations)}
+        sweep: {{batch: [1], heads: [2], seq_len: {seq_len}, head_dim: [16], threads: [1]}}
+        """) + FAST_TIMING + "\n" + extra
+
+
+def by_impl(records):
+    return {r["implementation"]: r for r in records}
+
+
+@pytest.mark.slow
+def test_each_kind_of_failure_is_recorded_and_the_sweep_goes_on(faulty_plugins, tmp_path):
+    names = ["naive", "raises", "hangs", "segfaults", "aborts", "allocator_fails", "eats_memory", "wrong_shape",
+             "returns_nan", "memory_efficient"]
+    suite = parse_text(suite_text(names, "limits: {timeout_s: 5, memory_gib: 1.5}\n"))
+    result = run_suite(suite, tmp_path / "run")
+    got = by_impl(result.records)
+    assert {name: got[name]["status"] for name in names} == {
+        "naive": "ok", "raises": "error", "hangs": "timeout", "segfaults": "crash", "aborts": "crash",
+        "allocator_fails": "oom", "eats_memory": "oom", "wrong_shape": "error", "returns_nan": "ok",
+        "memory_efficient": "ok",
+    }
+    assert "deliberate failure" in got["raises"]["reason"]
+    assert "SIGSEGV" in got["segfaults"]["reason"] and "SIGABRT" in got["aborts"]["reason"]
+    assert "1.5 GiB limit" in got["eats_memory"]["reason"]
+    assert "wrong output shape" in got["wrong_shape"]["reason"]
+    assert got["returns_nan"]["accurate"] is False and "NaN" in got["returns_nan"]["reason"]
+    # The good cases after the failures measured as usual.
+    assert got["memory_efficient"]["accurate"] is True and got["memory_efficient"]["time_s"]["n"] >= 3
+    assert len(read_records(tmp_path / "run")) == len(names)
+
+
+def test_records_have_the_design_keys_and_consistent_figures(tmp_path):
+    suite = parse_text(suite_text(["naive", "sdpa", "sdpa.cudnn"], seq_len="[32, 64]"))
+    result = run_suite(suite, tmp_path / "run")
+    assert len(result.records) == 6
+    for record in read_records(tmp_path / "run"):
+        assert set(RECORD_KEYS) <= set(record)
+        if record["implementation"] == "sdpa.cudnn":
+            assert record["status"] == "skipped" and "CUDNN" in record["reason"]
+            continue
+        assert record["status"] == "ok", record["reason"]
+        t = record["time_s"]
+        assert t["min"] <= t["median"] <= max(t["samples"]) and t["n"] == len(t["samples"])
+        p = record["params"]
+        flops = 4 * p["batch"] * p["heads"] * p["seq_len"] ** 2 * p["head_dim"]
+        assert math.isclose(record["tflops"], flops / t["median"] / 1e12, rel_tol=1e-9)
+        assert record["accurate"] is True and record["max_abs_err"] <= record["tolerance"]
+        assert record["peak_memory_bytes"] > 0
+    assert (tmp_path / "run" / "env.json").exists() and (tmp_path / "run" / "results.csv").exists()
+
+
+def test_inaccurate_output_is_flagged_with_its_error(faulty_plugins, tmp_path):
+    result = run_suite(parse_text(suite_text(["slightly_off"])), tmp_path / "run")
+    record = result.records[0]
+    assert record["status"] == "ok" and record["accurate"] is False
+    assert record["max_abs_err"] == pytest.approx(1e-3, rel=1e-2) and record["max_abs_err"] > record["tolerance"]
+
+
+def test_memory_measurement_sees_a_known_allocation(faulty_plugins, tmp_path):
+    suite = parse_text(suite_text(["naive", "allocates_64mib"], "measure: [memory]\n"))
+    got = by_impl(run_suite(suite, tmp_path / "run").records)
+    extra = got["allocates_64mib"]["peak_memory_bytes"] - got["naive"]["peak_memory_bytes"]
+    assert abs(extra - (64 << 20)) < (1 << 20), extra
+
+
+def test_excluded_and_unavailable_cases_are_skipped_with_reasons(tmp_path):
+    text = suite_text(["naive", "chunked"], "exclude:\n  - {implementation: naive, seq_len: {gt: 40}, reason: too big}\n",
+                      seq_len="[32, 64]")
+    text = text.replace("threads: [1]}", "threads: [1], device: [cpu, cuda]}")
+    records = run_suite(parse_text(text), tmp_path / "run").records
+    statuses = {(r["implementation"], r["params"]["seq_len"], r["params"]["device"]): (r["status"], r["reason"])
+                for r in records}
+    assert statuses[("naive", 64, "cpu")] == ("skipped", "too big")
+    assert statuses[("naive", 32, "cpu")][0] == "ok"
+    if not __import__("torch").cuda.is_available():
+        assert statuses[("chunked", 32, "cuda")] == ("skipped", "no CUDA device on this machine")
+
+
+def test_resume_runs_only_the_missing_cases(tmp_path):
+    suite = parse_text(suite_text(["naive", "chunked", "sdpa"]))
+    out = tmp_path / "run"
+    first = run_suite(suite, out, only=["naive"])
+    assert [r["implementation"] for r in first.records] == ["naive"]
+    second = run_suite(suite, resume=out)
+    assert sorted(r["implementation"] for r in read_records(out)) == ["chunked", "naive", "sdpa"]
+    assert len(second.records) == 3
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    with RunFolder(tmp_path / "run"), pytest.raises(InputError, match="another run .* is writing"):
+        RunFolder(tmp_path / "run")
+
+
+def test_a_torn_last_line_is_dropped_and_appends_start_on_a_fresh_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text(json.dumps({"case_id": "a", "status": "ok"}) + '\n{"case_id": "b", "sta')
+    assert [r["case_id"] for r in read_records(run)] == ["a"]
+    with RunFolder(run) as folder:
+        folder.append({"case_id": "c", "status": "ok"})
+    assert [r["case_id"] for r in read_records(run)] == ["a", "c"]
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, **kwargs)
+
+
+@pytest.mark.slow
+def test_kill_9_loses_no_finished_case_and_resume_completes_the_run(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(suite_text(["naive", "chunked", "sdpa", "sdpa.math", "memory_efficient"],
+                                seq_len="[32, 48, 64, 80]"))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "results.jsonl").exists() and len(read_records(out)) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_records(out)
+    assert 5 <= len(before) < 20
+    done = _cli("run", str(suite), "--resume", str(out))
+    assert done.returncode == 0, done.stderr
+    ids = [r["case_id"] for r in read_records(out)]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert {r["case_id"]: r for r in before}.keys() <= set(ids)
+
+
+def test_cli_strict_exits_1_on_a_failed_case(faulty_plugins, tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(suite_text(["naive", "raises"]))
+    plain = _cli("run", str(suite), "--out", str(tmp_path / "a"))
+    strict = _cli("run", str(suite), "--out", str(tmp_path / "b"), "--strict")
+    assert plain.returncode == 0, plain.stderr
+    assert strict.returncode == 1 and "1 failed" in strict.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "suites/nope.yaml"], "no such suite file"),
+        (["run", "suites"], "is a directory"),
+        (["run", "suites/ci.yaml", "--only", "memory_eficient"], "Did you mean 'memory_efficient'"),
+        (["list", "--variant", "multihead"], "Did you mean 'multi_head'"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(args, message):
+    done = _cli(*args)
+    assert done.returncode == 2
+    assert message in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
