@@ -100,6 +100,14 @@ def _write_report(run_dir) -> str | None:
         return None
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    path = write_report(args.run_dir)
+    console.print(f"report: {path}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -116,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="few sizes, short timing")
     p.add_argument("--strict", action="store_true", help="exit 1 if any case failed or was inaccurate")
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("report", help="(re)write plots and the HTML report of a run folder")
+    p.add_argument("run_dir", help="a run folder, e.g. results/self_attn-20260101T000000Z")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

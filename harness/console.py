@@ -70,8 +70,7 @@ def summary_table(records: list[dict]) -> Table:
     for r in records:
         groups[(r["variant"], r["implementation"])].append(r)
     table = Table(title="summary", title_justify="left")
-    for column in ("variant", "implementation", "ok/run/all", "best TFLOP/s", "max peak memory", "accuracy",
-                   "failed"):
+    for column in ("variant", "implementation", "ok/run/all", "best TFLOP/s", "max peak memory", "accuracy", "failed"):
         table.add_column(column, justify="right" if column not in ("variant", "implementation") else "left")
     for (variant, name), rows in groups.items():
         ok = [r for r in rows if r["status"] == "ok"]
@@ -83,7 +82,12 @@ def summary_table(records: list[dict]) -> Table:
         accuracy = "-" if not checked else ("[green]ok[/green]" if not bad else f"[red]{len(bad)} bad[/red]")
         failed = len(run) - len(ok)
         table.add_row(
-            variant, name, f"{len(ok)}/{len(run)}/{len(rows)}", f"{best:.3f}" if best else "-", _bytes(memory),
-            accuracy, f"[red]{failed}[/red]" if failed else "0",
+            variant,
+            name,
+            f"{len(ok)}/{len(run)}/{len(rows)}",
+            f"{best:.3f}" if best else "-",
+            _bytes(memory),
+            accuracy,
+            f"[red]{failed}[/red]" if failed else "0",
         )
     return table

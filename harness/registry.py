@@ -149,7 +149,9 @@ def reload() -> None:
     importlib.invalidate_caches()
     import sys
 
-    stale = [m for m in sys.modules if m in _PLUGIN_MODULES or m == "implementations" or m.startswith("implementations.")]
+    stale = [
+        m for m in sys.modules if m in _PLUGIN_MODULES or m == "implementations" or m.startswith("implementations.")
+    ]
     for module in stale:
         del sys.modules[module]
     _PLUGIN_MODULES.clear()

@@ -18,8 +18,21 @@ from typing import Any
 from harness.errors import InputError
 
 RECORD_KEYS = (
-    "suite", "variant", "implementation", "case_id", "params", "status", "reason", "time_s", "tflops",
-    "tokens_per_s", "peak_memory_bytes", "max_abs_err", "max_rel_err", "tolerance", "accurate",
+    "suite",
+    "variant",
+    "implementation",
+    "case_id",
+    "params",
+    "status",
+    "reason",
+    "time_s",
+    "tflops",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "max_abs_err",
+    "max_rel_err",
+    "tolerance",
+    "accurate",
 )
 STATUSES = ("ok", "skipped", "error", "timeout", "oom", "crash")
 JSONL = "results.jsonl"
@@ -195,7 +208,8 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [],
+        if torch.cuda.is_available()
+        else [],
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness import registry
 from harness.errors import InputError
 from harness.results import JSONL, RunFolder, environment, new_record, read_records, write_csv
 from harness.suite import Case, Suite, expand
@@ -47,7 +46,8 @@ def _signal_name(exitcode: int | None) -> str:
 class Worker:
     """One spawned worker process, replaced whenever a case kills it or must be stopped."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: str | Path | None = None) -> None:
+        self.tree = None if tree is None else str(Path(tree).resolve())
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
@@ -56,7 +56,7 @@ class Worker:
         from harness.worker import serve
 
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=serve, args=(child,), daemon=True, name="harness-worker")
+        self._proc = self._ctx.Process(target=serve, args=(child, self.tree), daemon=True, name="harness-worker")
         self._proc.start()
         child.close()
         self._conn = parent
@@ -75,6 +75,13 @@ class Worker:
             self._proc.join(5)
         self._conn.close()
         self._proc = self._conn = None
+
+    def names(self) -> dict[str, list[str]]:
+        """The implementations registered in this worker's source tree, per variant."""
+        result = self.run({"kind": "names"}, timeout_s=120, memory_limit=None)
+        if "status" in result:
+            raise InputError(f"cannot list implementations in {self.tree or 'this tree'}: {result['reason']}")
+        return result
 
     def run(self, task: dict, timeout_s: float, memory_limit: int | None) -> dict:
         if self._proc is None or not self._proc.is_alive():
@@ -115,7 +122,10 @@ def default_out_dir(suite: Suite, root: str | Path = "results") -> Path:
 
 
 def skip_reason(case: Case) -> str:
-    """Why a case cannot run here at all (no CUDA, backend has no kernel for the dtype), or ''."""
+    """Why a case cannot run on this machine at all (excluded, no such device), or ''.
+
+    Whether the implementation has a kernel for the case's dtype is the worker's to say.
+    """
     if case.skip_reason:
         return case.skip_reason
     device = case.params.device
@@ -132,8 +142,7 @@ def skip_reason(case: Case) -> str:
 
         if not torch.backends.mps.is_available():
             return "no MPS device on this machine"
-    ok, why = registry.get(case.variant, case.implementation).available_for(case.params)
-    return "" if ok else why
+    return ""
 
 
 @dataclass

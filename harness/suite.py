@@ -227,7 +227,9 @@ class _StrictLoader(yaml.SafeLoader):
             if self.alias_count > MAX_ALIASES:
                 event = self.peek_event()
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"more than {MAX_ALIASES} YAML aliases (refusing a possible alias bomb)",
+                    None,
+                    None,
+                    f"more than {MAX_ALIASES} YAML aliases (refusing a possible alias bomb)",
                     event.start_mark,
                 )
         return super().compose_node(parent, index)
@@ -278,7 +280,11 @@ def _format_loc(loc: tuple) -> str:
 def _model_for(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model a location points into, to list its allowed keys."""
     models: dict[str, type[BaseModel]] = {
-        "sweep": Sweep, "timing": Timing, "limits": Limits, "exclude": ExcludeRule, "quick": QuickOverrides,
+        "sweep": Sweep,
+        "timing": Timing,
+        "limits": Limits,
+        "exclude": ExcludeRule,
+        "quick": QuickOverrides,
     }
     model: type[BaseModel] = Suite
     for part in loc[:-1]:
@@ -310,7 +316,9 @@ def _explain(file: str, error: dict, lines: dict[tuple, int]) -> str:
     return f"{where}: key {key!r}: {message}{got_text}"
 
 
-def parse_suite(data: Any, file: str = "<suite>", lines: dict[tuple, int] | None = None) -> Suite:
+def parse_suite(
+    data: Any, file: str = "<suite>", lines: dict[tuple, int] | None = None, known: dict[str, list[str]] | None = None
+) -> Suite:
     """Validate already-loaded YAML data as a Suite; InputError on any problem."""
     lines = lines or {}
     if not isinstance(data, dict):
@@ -327,12 +335,17 @@ def parse_suite(data: Any, file: str = "<suite>", lines: dict[tuple, int] | None
         messages = list(dict.fromkeys(_explain(file, e, lines) for e in errors))
         more = f"\n  (and {len(messages) - 5} more)" if len(messages) > 5 else ""
         raise InputError("invalid suite:\n  " + "\n  ".join(messages[:5]) + more) from None
-    _check_names(suite, file, lines)
+    _check_names(suite, file, lines, known)
     return suite
 
 
-def _check_names(suite: Suite, file: str, lines: dict[tuple, int]) -> None:
+def _check_names(suite: Suite, file: str, lines: dict[tuple, int], names: dict[str, list[str]] | None) -> None:
+    """Sweep sizes, implementation names (against `names`, default this process's registry) and
+    each sweep point against each variant's rules."""
     from harness import registry
+
+    def known_names(variant: str) -> list[str]:
+        return names.get(variant, []) if names is not None else registry.names(variant)
 
     total = sum(s.size() for s in suite.sweeps) * len(suite.variants)
     if total > MAX_CASES:
@@ -343,9 +356,9 @@ def _check_names(suite: Suite, file: str, lines: dict[tuple, int]) -> None:
     if suite.implementations != "all":
         known = set()
         for variant in suite.variants:
-            known |= set(registry.names(variant))
+            known |= set(known_names(variant))
         for i, name in enumerate(suite.implementations):
-            if name not in known:
+            if name not in known and "*" not in known:
                 hint = closest(name, known)
                 line = lines.get(("implementations", i))
                 where = f"{file}:{line}" if line else file
@@ -362,12 +375,10 @@ def _check_names(suite: Suite, file: str, lines: dict[tuple, int]) -> None:
                 except InputError as exc:
                     where = ("sweep", s_index) if isinstance(suite.sweep, list) else ("sweep",)
                     line = lines.get(where)
-                    raise InputError(
-                        f"{file}:{line or '?'}: key 'sweep': {exc} (variant {variant})"
-                    ) from None
+                    raise InputError(f"{file}:{line or '?'}: key 'sweep': {exc} (variant {variant})") from None
 
 
-def load_suite(path: str | Path) -> Suite:
+def load_suite(path: str | Path, known: dict[str, list[str]] | None = None) -> Suite:
     """Read, parse and validate a suite file; every failure is an InputError naming the file."""
     path = Path(path)
     file = str(path)
@@ -384,11 +395,11 @@ def load_suite(path: str | Path) -> Suite:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{file}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
-    return parse_text(text, file)
+        raise InputError(f"{file}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})") from None
+    return parse_text(text, file, known)
 
 
-def parse_text(text: str, file: str = "<suite>") -> Suite:
+def parse_text(text: str, file: str = "<suite>", known: dict[str, list[str]] | None = None) -> Suite:
     try:
         loader = _StrictLoader(text)
         try:
@@ -403,7 +414,7 @@ def parse_text(text: str, file: str = "<suite>") -> Suite:
         raise InputError(f"{where}: not a valid suite YAML: {exc.problem}") from None
     except (yaml.YAMLError, RecursionError, ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"{file}: not a valid suite YAML: {type(exc).__name__}: {exc}") from None
-    return parse_suite(data, file, lines)
+    return parse_suite(data, file, lines, known)
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -412,7 +423,7 @@ def parse_text(text: str, file: str = "<suite>") -> Suite:
 def _points(sweep: Sweep) -> Iterable[Params]:
     axes = [getattr(sweep, axis) for axis in PARAM_AXES]
     for values in itertools.product(*axes):
-        yield Params(**dict(zip(PARAM_AXES, values)))
+        yield Params(**dict(zip(PARAM_AXES, values, strict=True)))
 
 
 def quick_version(suite: Suite) -> Suite:
@@ -431,23 +442,33 @@ def quick_version(suite: Suite) -> Suite:
     )
     quick = suite.model_copy(update={"sweep": sweeps, "timing": timing})
     # Re-validate so that overrides from the file are held to the same schema.
-    return parse_suite(quick.model_dump(), f"{suite.name} (--quick)")
+    return parse_suite(quick.model_dump(), f"{suite.name} (--quick)", known={v: ["*"] for v in VARIANTS})
 
 
-def expand(suite: Suite, only: Iterable[str] | None = None) -> list[Case]:
-    """All cases of a suite, grouped so that implementations of one shape run back to back."""
+def expand(suite: Suite, only: Iterable[str] | None = None, names: dict[str, list[str]] | None = None) -> list[Case]:
+    """All cases of a suite, grouped so that implementations of one shape run back to back.
+
+    `names` gives the implementations per variant (default: this process's registry; the gate
+    passes those of the trees it compares).
+    """
     from harness import registry
 
     only = list(only or [])
+
+    def known(variant: str) -> list[str]:
+        return names.get(variant, []) if names is not None else registry.names(variant)
+
     cases: dict[str, Case] = {}
     for sweep in suite.sweeps:
         for point in _points(sweep):
             for variant in suite.variants:
                 params = VARIANTS[variant].normalize(point)
-                names = registry.names(variant) if suite.implementations == "all" else [
-                    n for n in suite.implementations if n in registry.names(variant)
-                ]
-                for name in names:
+                chosen = (
+                    known(variant)
+                    if suite.implementations == "all"
+                    else [n for n in suite.implementations if n in known(variant)]
+                )
+                for name in chosen:
                     if only and name not in only:
                         continue
                     case = Case(suite.name, variant, name, params)

@@ -43,15 +43,14 @@ class CaseRunner:
         self._baseline: Baseline | None = None
 
     def _prepare(self, variant: str, params: Params, seed: int, with_accuracy: bool):
-        key = (variant, params, seed, with_accuracy)
+        key = (variant, params, seed)
         if key != self._baseline_key:
             self._inputs = self._baseline = None  # free the previous shape's tensors first
-            spec = get_variant(variant)
-            self._inputs = spec.make_inputs(params, seed=seed)
-            if with_accuracy:
-                self._baseline = baseline(spec, self._inputs, registry.get(variant, "naive").fn)
+            self._inputs = get_variant(variant).make_inputs(params, seed=seed)
             self._baseline_key = key
-        return self._inputs, self._baseline
+        if with_accuracy and self._baseline is None:
+            self._baseline = baseline(get_variant(variant), self._inputs, registry.get(variant, "naive").fn)
+        return self._inputs, self._baseline if with_accuracy else None
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -70,7 +69,12 @@ class CaseRunner:
         variant, measure = task["variant"], set(task["measure"])
         if params.threads is not None:
             torch.set_num_threads(params.threads)
+        if task["implementation"] not in registry.names(variant):
+            return {"status": "skipped", "reason": f"no implementation {task['implementation']!r} in this source tree"}
         impl = registry.get(variant, task["implementation"])
+        ok, why = impl.available_for(params)
+        if not ok:
+            return {"status": "skipped", "reason": why}
         inputs, base = self._prepare(variant, params, task["seed"], "accuracy" in measure)
 
         def call() -> torch.Tensor:
@@ -100,8 +104,25 @@ class CaseRunner:
         return result
 
 
-def serve(conn: Any) -> None:
-    """Worker main loop: receive a task, send back its result; None stops the worker."""
+def names() -> dict[str, list[str]]:
+    from harness.variants import VARIANTS
+
+    return {variant: registry.names(variant) for variant in VARIANTS}
+
+
+def serve(conn: Any, tree: str | None = None) -> None:
+    """Worker main loop: receive a task, send back its result; None stops the worker.
+
+    `tree` is a source tree (e.g. a git worktree of another commit) whose `implementations`
+    package this worker measures, with the parent's harness: the method of measuring stays the
+    same on both sides of a comparison, only the kernels differ.
+    """
+    if tree is not None:
+        import sys
+
+        sys.path.insert(0, tree)
+        for name in [m for m in sys.modules if m == "implementations" or m.startswith("implementations.")]:
+            del sys.modules[name]
     runner = CaseRunner()
     registry.load()
     while True:
@@ -111,4 +132,4 @@ def serve(conn: Any) -> None:
             return
         if task is None:
             return
-        conn.send(runner.run(task))
+        conn.send(names() if task.get("kind") == "names" else runner.run(task))

@@ -36,12 +36,17 @@ def faulty_plugins(monkeypatch):
 
 
 def suite_text(implementations: list[str], extra: str = "", seq_len: str = "[32]") -> str:
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         name: t
         variants: [multi_head]
         implementations: {json.dumps(implementations)}
         sweep: {{batch: [1], heads: [2], seq_len: {seq_len}, head_dim: [16], threads: [1]}}
-        """) + FAST_TIMING + "\n" + extra
+        """)
+        + FAST_TIMING
+        + "\n"
+        + extra
+    )
 
 
 def by_impl(records):
@@ -50,14 +55,31 @@ def by_impl(records):
 
 @pytest.mark.slow
 def test_each_kind_of_failure_is_recorded_and_the_sweep_goes_on(faulty_plugins, tmp_path):
-    names = ["naive", "raises", "hangs", "segfaults", "aborts", "allocator_fails", "eats_memory", "wrong_shape",
-             "returns_nan", "memory_efficient"]
+    names = [
+        "naive",
+        "raises",
+        "hangs",
+        "segfaults",
+        "aborts",
+        "allocator_fails",
+        "eats_memory",
+        "wrong_shape",
+        "returns_nan",
+        "memory_efficient",
+    ]
     suite = parse_text(suite_text(names, "limits: {timeout_s: 5, memory_gib: 1.5}\n"))
     result = run_suite(suite, tmp_path / "run")
     got = by_impl(result.records)
     assert {name: got[name]["status"] for name in names} == {
-        "naive": "ok", "raises": "error", "hangs": "timeout", "segfaults": "crash", "aborts": "crash",
-        "allocator_fails": "oom", "eats_memory": "oom", "wrong_shape": "error", "returns_nan": "ok",
+        "naive": "ok",
+        "raises": "error",
+        "hangs": "timeout",
+        "segfaults": "crash",
+        "aborts": "crash",
+        "allocator_fails": "oom",
+        "eats_memory": "oom",
+        "wrong_shape": "error",
+        "returns_nan": "ok",
         "memory_efficient": "ok",
     }
     assert "deliberate failure" in got["raises"]["reason"]
@@ -105,12 +127,17 @@ def test_memory_measurement_sees_a_known_allocation(faulty_plugins, tmp_path):
 
 
 def test_excluded_and_unavailable_cases_are_skipped_with_reasons(tmp_path):
-    text = suite_text(["naive", "chunked"], "exclude:\n  - {implementation: naive, seq_len: {gt: 40}, reason: too big}\n",
-                      seq_len="[32, 64]")
+    text = suite_text(
+        ["naive", "chunked"],
+        "exclude:\n  - {implementation: naive, seq_len: {gt: 40}, reason: too big}\n",
+        seq_len="[32, 64]",
+    )
     text = text.replace("threads: [1]}", "threads: [1], device: [cpu, cuda]}")
     records = run_suite(parse_text(text), tmp_path / "run").records
-    statuses = {(r["implementation"], r["params"]["seq_len"], r["params"]["device"]): (r["status"], r["reason"])
-                for r in records}
+    statuses = {
+        (r["implementation"], r["params"]["seq_len"], r["params"]["device"]): (r["status"], r["reason"])
+        for r in records
+    }
     assert statuses[("naive", 64, "cpu")] == ("skipped", "too big")
     assert statuses[("naive", 32, "cpu")][0] == "ok"
     if not __import__("torch").cuda.is_available():
@@ -143,18 +170,25 @@ def test_a_torn_last_line_is_dropped_and_appends_start_on_a_fresh_line(tmp_path)
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs
+    )
 
 
 @pytest.mark.slow
 def test_kill_9_loses_no_finished_case_and_resume_completes_the_run(tmp_path):
     suite = tmp_path / "s.yaml"
-    suite.write_text(suite_text(["naive", "chunked", "sdpa", "sdpa.math", "memory_efficient"],
-                                seq_len="[32, 48, 64, 80]"))
+    suite.write_text(
+        suite_text(["naive", "chunked", "sdpa", "sdpa.math", "memory_efficient"], seq_len="[32, 48, 64, 80]")
+    )
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", str(suite), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if (out / "results.jsonl").exists() and len(read_records(out)) >= 5:

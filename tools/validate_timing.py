@@ -37,7 +37,7 @@ def main() -> int:
         for name in args.impls:
             fn = registry.get("multi_head", name).fn
 
-            def call(fn=fn):
+            def call(fn=fn, inputs=inputs):
                 return inputs.call(fn)
 
             ours, theirs = [], []
@@ -50,8 +50,10 @@ def main() -> int:
             cv = statistics.stdev(ours) / statistics.fmean(ours) * 100
             bad = abs(ratio - 1) > 0.10 or (n >= 1024 and cv > 5)
             failed |= bad
-            print(f"{name:18s} {n:5d} {statistics.median(ours) * 1e3:11.3f} {statistics.median(theirs) * 1e3:9.3f} "
-                  f"{ratio:6.3f} {cv:5.1f}{'  <-- out of bounds' if bad else ''}")
+            print(
+                f"{name:18s} {n:5d} {statistics.median(ours) * 1e3:11.3f} {statistics.median(theirs) * 1e3:9.3f} "
+                f"{ratio:6.3f} {cv:5.1f}{'  <-- out of bounds' if bad else ''}"
+            )
     return 1 if failed else 0
 
 

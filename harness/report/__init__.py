@@ -1,0 +1,137 @@
+"""The self-contained HTML report of a run: environment, plots, "which one should I use",
+failures and a sortable table of every case. One file, plots embedded, opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from harness.errors import InputError
+from harness.report.plots import FAILED, write_plots
+from harness.results import latest_records, read_records, to_frame, write_csv
+
+SHAPE_KEYS = ["variant", "batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal"]
+TABLE_COLUMNS = [
+    "variant",
+    "implementation",
+    "batch",
+    "heads",
+    "seq_len",
+    "seq_len_kv",
+    "head_dim",
+    "dtype",
+    "device",
+    "threads",
+    "causal",
+    "status",
+    "time_median",
+    "time_iqr",
+    "time_n",
+    "tflops",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "max_abs_err",
+    "tolerance",
+    "accurate",
+    "reason",
+]
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _mib(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{float(value) / 2**20:.1f}"
+
+
+def best_per_shape(frame: pd.DataFrame) -> list[dict]:
+    """For each shape: the fastest accurate implementation, its margin, and the leanest in memory."""
+    keys = [k for k in SHAPE_KEYS if k in frame]
+    rows = []
+    if "time_median" not in frame:
+        return rows
+    usable = frame[(frame["status"] == "ok") & frame["time_median"].notna()]
+    if "accurate" in usable:
+        usable = usable[usable["accurate"].astype(object) != False]  # noqa: E712 - None means "not checked"
+    for key, group in usable.groupby(keys, sort=False, dropna=False):
+        ranked = group.sort_values("time_median")
+        best = ranked.iloc[0]
+        second = ranked.iloc[1] if len(ranked) > 1 else None
+        lean = group.dropna(subset=["peak_memory_bytes"]) if "peak_memory_bytes" in group else group.iloc[0:0]
+        leanest = lean.sort_values("peak_memory_bytes").iloc[0] if len(lean) else None
+        shape = dict(zip(keys, key, strict=True))
+        rows.append(
+            {
+                "shape": ", ".join(f"{k}={_fmt(v)}" for k, v in shape.items() if _fmt(v) and k != "variant"),
+                "variant": shape["variant"],
+                "best": best["implementation"],
+                "time_ms": best["time_median"] * 1e3,
+                "tflops": best.get("tflops"),
+                "runner_up": second["implementation"] if second is not None else "",
+                "margin": second["time_median"] / best["time_median"] if second is not None else None,
+                "leanest": leanest["implementation"] if leanest is not None else "",
+                "leanest_mib": _mib(leanest["peak_memory_bytes"]) if leanest is not None else "",
+                "candidates": len(group),
+            }
+        )
+    return rows
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("harness.report", "templates"),
+        autoescape=True,  # every string from suites and records is escaped
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["fmt"] = _fmt
+    env.filters["mib"] = _mib
+    return env.get_template("report.html.j2")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write plots/*.png, results.csv and report.html into `run_dir`; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a run folder")
+    records = latest_records(read_records(run_dir))
+    env_path = run_dir / "env.json"
+    try:
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    except json.JSONDecodeError:
+        env = {"env.json": "unreadable"}
+    frame = to_frame(records)
+    write_csv(records, run_dir / "results.csv")
+    figures = write_plots(frame, run_dir / "plots") if len(frame) else []
+    table = [{c: r.get(c) for c in TABLE_COLUMNS} for r in frame.to_dict("records")] if len(frame) else []
+    failures = [r for r in table if r["status"] in FAILED or (r["status"] == "ok" and r["accurate"] is False)]
+    counts = frame["status"].value_counts().to_dict() if len(frame) else {}
+    tasks = [r for r in records if r.get("task")]
+    html = _template().render(
+        title=f"{env.get('suite', run_dir.name)} — attention harness report",
+        run=run_dir.name,
+        env=env,
+        counts=counts,
+        total=len(records),
+        figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in figures],
+        best=best_per_shape(frame) if len(frame) else [],
+        failures=failures,
+        columns=TABLE_COLUMNS,
+        table=table,
+        tasks=tasks,
+    )
+    path = run_dir / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path

@@ -1,0 +1,190 @@
+"""Matplotlib figures of a run: throughput, speed-up, peak memory and accuracy against seq_len.
+
+One figure row per group of cases that differ only in seq_len and implementation. Colours are
+fixed per implementation name across every plot of every run, and cases that failed or were
+skipped are drawn as markers along the bottom edge, so nothing silently goes missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+GROUP_KEYS = ("variant", "dtype", "device", "batch", "heads", "head_dim", "seq_len_kv", "threads", "causal")
+FAILED = ("error", "timeout", "oom", "crash")
+_PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+_FIXED = [
+    "naive",
+    "sdpa",
+    "sdpa.math",
+    "sdpa.flash",
+    "sdpa.efficient",
+    "sdpa.cudnn",
+    "memory_efficient",
+    "chunked",
+    "fused",
+]
+
+
+def colour(name: str) -> tuple:
+    """The same colour for an implementation in every plot (known names fixed, others hashed)."""
+    if name in _FIXED:
+        return _PALETTE[_FIXED.index(name)]
+    digest = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+    return _PALETTE[len(_FIXED) + digest % (len(_PALETTE) - len(_FIXED))]
+
+
+@dataclass
+class Figure:
+    title: str
+    path: Path
+    png: bytes
+
+
+def group_title(key: tuple) -> str:
+    values = dict(zip(GROUP_KEYS, key, strict=True))
+    parts = [
+        values["variant"],
+        values["dtype"],
+        values["device"],
+        f"B={values['batch']}",
+        f"H={values['heads']}",
+        f"D={values['head_dim']}",
+    ]
+    if values["seq_len_kv"] is not None and not (
+        isinstance(values["seq_len_kv"], float) and math.isnan(values["seq_len_kv"])
+    ):
+        parts.append(f"Nkv={int(values['seq_len_kv'])}")
+    if values["threads"] is not None and not (isinstance(values["threads"], float) and math.isnan(values["threads"])):
+        parts.append(f"{int(values['threads'])} threads")
+    if values["causal"] is True:
+        parts.append("causal")
+    return " · ".join(str(p) for p in parts)
+
+
+def _bottom_markers(ax, rows: pd.DataFrame) -> None:
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for _, r in rows.iterrows():
+        failed = r["status"] in FAILED
+        ax.plot(
+            r["seq_len"],
+            0.03,
+            marker="x" if failed else "o",
+            markersize=8 if failed else 6,
+            color=colour(r["implementation"]),
+            markerfacecolor="none" if not failed else None,
+            transform=trans,
+            clip_on=False,
+            linestyle="none",
+        )
+
+
+def _lines(ax, ok: pd.DataFrame, column: str, scale: float = 1.0) -> None:
+    for name, rows in ok.groupby("implementation", sort=True):
+        rows = rows.sort_values("seq_len")
+        values = rows[column] * scale
+        ax.plot(rows["seq_len"], values, marker="o", markersize=4, label=name, color=colour(name))
+
+
+def plot_group(key: tuple, frame: pd.DataFrame, baseline: str = "naive") -> bytes:
+    """Four panels for one group of cases; returns PNG bytes."""
+    ok = frame[frame["status"] == "ok"]
+    not_ok = frame[frame["status"] != "ok"]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6), constrained_layout=True)
+    fig.suptitle(group_title(key), fontsize=12)
+    variant = key[0]
+    unit = "pixels" if variant == "attention_gate" else "tokens"
+
+    ax = axes[0]
+    if "tflops" in ok and ok["tflops"].notna().any():
+        _lines(ax, ok.dropna(subset=["tflops"]), "tflops")
+    ax.set(title="throughput", xlabel=f"sequence length N ({unit}, log)", ylabel="TFLOP/s")
+
+    ax = axes[1]
+    base = ok[ok["implementation"] == baseline].set_index("seq_len")["time_median"] if "time_median" in ok else None
+    if base is not None and not base.empty:
+        speed = ok.dropna(subset=["time_median"]).copy()
+        speed["speedup"] = speed["seq_len"].map(base) / speed["time_median"]
+        _lines(ax, speed.dropna(subset=["speedup"]), "speedup")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set(title=f"speed-up over {baseline}", ylabel=f"time({baseline}) / time  (log)")
+    else:
+        ax.text(0.5, 0.5, f"no {baseline} measurements", ha="center", transform=ax.transAxes)
+        ax.set(title=f"speed-up over {baseline}")
+    ax.set_xlabel(f"sequence length N ({unit}, log)")
+
+    ax = axes[2]
+    if "peak_memory_bytes" in ok and ok["peak_memory_bytes"].notna().any():
+        mem = ok.dropna(subset=["peak_memory_bytes"])
+        mem = mem[mem["peak_memory_bytes"] > 0]
+        _lines(ax, mem, "peak_memory_bytes", 1 / 2**20)
+        ax.set_yscale("log")
+    ax.set(
+        title="peak extra memory (log-log: slope 2 = O(N²))",
+        xlabel=f"sequence length N ({unit}, log)",
+        ylabel="MiB (log)",
+    )
+
+    ax = axes[3]
+    if "max_abs_err" in ok and ok["max_abs_err"].notna().any():
+        acc = ok.dropna(subset=["max_abs_err", "tolerance"]).copy()
+        acc = acc[acc["tolerance"] > 0]
+        acc["ratio"] = (acc["max_abs_err"] / acc["tolerance"]).clip(lower=1e-6)
+        _lines(ax, acc, "ratio")
+        ax.axhline(1.0, color="red", linewidth=1, linestyle="--", label="tolerance")
+        ax.set_yscale("log")
+    ax.set(
+        title="accuracy: max error / tolerance (≤ 1 passes)",
+        xlabel=f"sequence length N ({unit}, log)",
+        ylabel="max_abs_err / tolerance (log)",
+    )
+
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.25)
+        _bottom_markers(ax, not_ok)
+    handles = [Line2D([], [], color=colour(n), marker="o", label=n) for n in sorted(frame["implementation"].unique())]
+    handles += [
+        Line2D([], [], color="black", marker="x", linestyle="none", label="failed (bottom edge)"),
+        Line2D(
+            [], [], color="black", marker="o", markerfacecolor="none", linestyle="none", label="skipped (bottom edge)"
+        ),
+    ]
+    fig.legend(handles=handles, loc="outside right center", fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def groups(frame: pd.DataFrame):
+    keys = [k for k in GROUP_KEYS if k in frame]
+    for key, rows in frame.groupby(keys, sort=False, dropna=False):
+        yield tuple(key), rows
+
+
+def write_plots(frame: pd.DataFrame, out_dir: Path, max_groups: int = 60) -> list[Figure]:
+    """One PNG per group with at least two sequence lengths (single points live in the tables)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for key, rows in groups(frame):
+        if rows["seq_len"].nunique() < 2 or len(figures) >= max_groups:
+            continue
+        png = plot_group(key, rows)
+        slug = "-".join(str(v) for v in key if not pd.isna(v)).replace("/", "_").replace(" ", "")
+        path = out_dir / f"{slug}.png"
+        path.write_bytes(png)
+        figures.append(Figure(group_title(key), path, png))
+    return figures
