@@ -108,6 +108,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verdicts(comparisons, threshold: float, markdown_file: str | None) -> int:
+    from harness.compare import markdown, table
+
+    console.print(table(comparisons))
+    regressions = [c for c in comparisons if c.regression]
+    if markdown_file:
+        from pathlib import Path
+
+        Path(markdown_file).write_text(markdown(comparisons, threshold))
+    if regressions:
+        err_console.print(f"[red]{len(regressions)} regression(s)[/red] (threshold {threshold:.0%})", highlight=False)
+        return 1
+    console.print(f"no regression (threshold {threshold:.0%}, 95% confidence)", highlight=False)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare_runs
+    from harness.results import read_records
+
+    comparisons = compare_runs(read_records(args.base), read_records(args.new), args.threshold)
+    return _verdicts(comparisons, args.threshold, args.markdown)
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from harness.compare import gate
+    from harness.console import RunProgress
+
+    comparisons, out = gate(
+        args.suite,
+        args.base,
+        args.head,
+        threshold=args.threshold,
+        rounds=args.rounds,
+        out_dir=args.out,
+        progress=RunProgress(console),
+    )
+    console.print(f"gate results: {out}/ (base/, head/, comparison.md)", highlight=False)
+    return _verdicts(comparisons, args.threshold, args.markdown)
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold must be a number such as 0.05, got {text!r}") from None
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"--threshold must be between 0 and 10 (0.05 = 5%), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -128,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="(re)write plots and the HTML report of a run folder")
     p.add_argument("run_dir", help="a run folder, e.g. results/self_attn-20260101T000000Z")
     p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("compare", help="per-case verdicts between two run folders; exit 1 on a regression")
+    p.add_argument("base", help="base run folder")
+    p.add_argument("new", help="new run folder")
+    p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
+    p.set_defaults(func=cmd_compare)
+
+    p = verbs.add_parser("gate", help="interleaved A/B of two commits on a suite; exit 1 on a regression")
+    p.add_argument("suite", help="suite YAML file, e.g. suites/ci.yaml")
+    p.add_argument("--base", required=True, help="git ref of the base (e.g. origin/main)")
+    p.add_argument("--head", help="git ref of the head (default: the working tree)")
+    p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved A/B rounds per case (default 7)")
+    p.add_argument("--out", help="folder for base/ and head/ records (default results/gate-<suite>-<time>)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
+    p.set_defaults(func=cmd_gate)
     return parser
 
 

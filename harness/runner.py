@@ -64,7 +64,7 @@ class Worker:
     def stop(self, kill: bool = False) -> None:
         if self._proc is None:
             return
-        if not kill and self._proc.is_alive():
+        if not kill and self._conn is not None and self._proc.is_alive():
             try:
                 self._conn.send(None)
                 self._proc.join(5)
@@ -73,7 +73,8 @@ class Worker:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
         self._proc = self._conn = None
 
     def names(self) -> dict[str, list[str]]:

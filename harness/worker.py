@@ -6,6 +6,7 @@ exhausts memory takes only the worker down; the parent records what happened and
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from typing import Any
 
@@ -80,7 +81,12 @@ class CaseRunner:
         def call() -> torch.Tensor:
             return inputs.call(impl.fn)
 
-        result: dict[str, Any] = {"status": "ok", "reason": "", "threads_used": torch.get_num_threads()}
+        result: dict[str, Any] = {
+            "status": "ok",
+            "reason": "",
+            "threads_used": torch.get_num_threads(),
+            "source_file": inspect.getsourcefile(impl.fn),  # which tree's kernel was measured
+        }
         output = call()  # first call: never timed (lazy init, compilation, autotuning)
         if not isinstance(output, torch.Tensor):
             return {"status": "error", "reason": f"returned {type(output).__name__}, expected a torch.Tensor"}

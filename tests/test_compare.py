@@ -1,0 +1,129 @@
+"""compare: verdicts from stored samples; significance and threshold must both hold for "slower"."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.compare import (
+    FASTER,
+    INACCURATE,
+    MAYBE_SLOWER,
+    NEW_FAILURE,
+    NOISE,
+    SLOWER,
+    SMALL,
+    compare_case,
+    compare_runs,
+    markdown,
+)
+from harness.results import RunFolder, new_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def record(samples, status="ok", accurate=True, case="multi_head/x/1", memory=1000, rounds=None) -> dict:
+    samples = list(samples)
+    time_s = {"median": float(np.median(samples)) if samples else None, "samples": samples}
+    if rounds is not None:
+        time_s["round_medians"] = list(rounds)
+    return new_record(
+        "s",
+        "multi_head",
+        "x",
+        case,
+        {},
+        status=status,
+        time_s=time_s if status == "ok" else None,
+        accurate=accurate,
+        peak_memory_bytes=memory,
+        reason="" if status == "ok" else "boom",
+    )
+
+
+def noisy(mean: float, sd: float, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(mean, sd, n).clip(min=mean * 0.2)
+
+
+def test_a_clear_25_percent_slowdown_is_slower():
+    c = compare_case(record(noisy(1.0, 0.02, 30, 1)), record(noisy(1.25, 0.02, 30, 2)))
+    assert c.verdict == SLOWER and c.regression
+    assert c.ratio == pytest.approx(1.25, rel=0.02) and c.ci_low > 1.2
+
+
+def test_a_5_percent_change_within_larger_noise_is_same_within_noise():
+    c = compare_case(record(noisy(1.0, 0.15, 8, 3)), record(noisy(1.05, 0.15, 8, 4)))
+    assert c.verdict == NOISE and not c.regression
+    assert c.ci_low < 1 < c.ci_high
+
+
+def test_a_significant_change_below_the_threshold_is_not_a_regression():
+    c = compare_case(record(noisy(1.0, 0.001, 50, 5)), record(noisy(1.02, 0.001, 50, 6)), threshold=0.05)
+    assert c.verdict == SMALL and not c.regression and c.ci_low > 1
+
+
+def test_a_slowdown_not_confidently_beyond_the_threshold_is_only_possibly_slower():
+    c = compare_case(record(noisy(1.0, 0.05, 12, 2)), record(noisy(1.08, 0.05, 12, 3)), threshold=0.05)
+    assert c.ci_low > 1 and c.ci_low < 1.05 < c.ratio
+    assert c.verdict == MAYBE_SLOWER and not c.regression
+
+
+def test_faster_is_reported_as_faster():
+    assert compare_case(record(noisy(1.0, 0.01, 20, 7)), record(noisy(0.7, 0.01, 20, 8))).verdict == FASTER
+
+
+def test_paired_round_medians_cancel_drift_shared_by_both_sides():
+    drift = np.linspace(1.0, 1.6, 7)  # the machine slowed down 60% during the gate
+    base = record(drift, rounds=drift)
+    new = record(drift * 1.25, rounds=drift * 1.25)
+    c = compare_case(base, new)
+    assert c.verdict == SLOWER and c.ratio == pytest.approx(1.25) and c.ci_low == pytest.approx(1.25)
+    aa = compare_case(base, record(drift * 1.001, rounds=drift * 1.001))
+    assert not aa.regression
+
+
+def test_a_case_that_newly_fails_or_becomes_inaccurate_is_a_regression():
+    ok = record([1.0, 1.0, 1.0])
+    assert compare_case(ok, record([], status="crash")).verdict == NEW_FAILURE
+    assert compare_case(ok, record([1.0, 1.0, 1.0], accurate=False)).verdict == INACCURATE
+
+
+def test_markdown_leads_with_the_verdict_and_lists_regressions():
+    comparisons = compare_runs([record(noisy(1.0, 0.01, 20, 9))], [record(noisy(1.3, 0.01, 20, 10))])
+    text = markdown(comparisons, 0.05)
+    assert text.startswith("### Attention harness benchmark: ❌ regression")
+    assert re.search(r"\| slower \| `multi_head/x/1` \| \+(2[89]|3[012])\.\d%", text)
+
+
+def _write(folder: Path, records: list[dict]) -> None:
+    with RunFolder(folder) as run:
+        for r in records:
+            run.append(r)
+
+
+@pytest.mark.parametrize(("new_mean", "code"), [(1.0, 0), (1.3, 1)])
+def test_cli_compare_exits_1_only_on_a_regression(tmp_path, new_mean, code):
+    _write(tmp_path / "a", [record(noisy(1.0, 0.01, 20, 11))])
+    _write(tmp_path / "b", [record(noisy(new_mean, 0.01, 20, 12))])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--markdown",
+            str(tmp_path / "pr.md"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == code, done.stderr
+    assert (tmp_path / "pr.md").read_text().startswith("### Attention harness benchmark")
