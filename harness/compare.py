@@ -284,21 +284,25 @@ def _round_timing(suite, rounds: int) -> dict:
 
 
 def _merge_rounds(first: dict, rounds: list[dict]) -> dict:
-    """One record's outcome from its interleaved rounds: all samples, and the per-round medians."""
+    """One record's outcome: the checks of round 0, all samples of the timing rounds, and their medians."""
     from harness.timing import TimingStats
 
+    if first.get("status") != "ok":
+        return first
     bad = next((r for r in rounds if r.get("status") != "ok"), None)
-    if first.get("status") != "ok" or bad is not None:
-        return bad if first.get("status") == "ok" else first
-    samples = [s for r in rounds for s in r["time_s"]["samples"]]
+    if bad is not None:
+        return bad
     merged = dict(first)
+    if not rounds:
+        return merged
+    samples = [s for r in rounds for s in r["time_s"]["samples"]]
     timing = TimingStats.from_samples(samples).as_record()
     timing["round_medians"] = [r["time_s"]["median"] for r in rounds]
     merged["time_s"] = timing
-    scale = first["time_s"]["median"] / timing["median"]
     for key in ("tflops", "tokens_per_s"):
-        if first.get(key) is not None:
-            merged[key] = first[key] * scale
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            merged[key] = values[0] * rounds[0]["time_s"]["median"] / timing["median"]
     return merged
 
 
@@ -376,18 +380,21 @@ def gate(
                     outcomes = {side: {"status": "skipped", "reason": why} for side in workers}
                 else:
                     task = task_for(case, suite) | {"timing": timing}
-                    first = {}
+                    # Round 0 checks accuracy and memory; rounds 1..R time, in alternating order.
+                    checks = [m for m in suite.measure if m != "time"]
+                    first = {
+                        side: workers[side].run(task | {"measure": checks}, suite.limits.timeout_s, memory_limit)
+                        for side in ("base", "head")
+                    }
                     per_round: dict[str, list[dict]] = {side: [] for side in workers}
-                    for i in range(rounds):
+                    timed = "time" in suite.measure
+                    for i in range(rounds if timed else 0):
                         order = ("base", "head") if i % 2 == 0 else ("head", "base")
                         for side in order:
-                            if first.get(side, {}).get("status", "ok") != "ok":
+                            if first[side].get("status") != "ok":
                                 continue  # a side that failed is not measured again
-                            round_task = task if i == 0 else task | {"measure": ["time"]}
-                            result = workers[side].run(round_task, suite.limits.timeout_s, memory_limit)
-                            if i == 0:
-                                first[side] = result
-                            per_round[side].append(result)
+                            round_task = task | {"measure": ["time"], "fresh_inputs": True}
+                            per_round[side].append(workers[side].run(round_task, suite.limits.timeout_s, memory_limit))
                     outcomes = {side: _merge_rounds(first[side], per_round[side]) for side in workers}
                 for side, outcome in outcomes.items():
                     record = new_record(

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import InputError, closest
-from harness.variants import DTYPES, VARIANTS, Params
+from harness.variants import VARIANTS, Params
 
 MAX_CASES = 100_000
 MAX_FILE_BYTES = 1 << 20
@@ -491,4 +491,4 @@ def check_only(suite: Suite, only: Iterable[str]) -> None:
             raise InputError(f"--only: unknown implementation {name!r}.{did} Allowed: {', '.join(sorted(known))}")
 
 
-__all__ = ["Case", "Suite", "case_id", "expand", "load_suite", "parse_text", "quick_version", "DTYPES"]
+__all__ = ["Case", "Suite", "case_id", "expand", "load_suite", "parse_text", "quick_version"]

@@ -3,6 +3,9 @@
 Each variant comes from one application in the article (see the table in DESIGN.md). The float64
 reference is the ground truth every implementation is measured against; it is computed in query-row
 chunks so that it fits in memory at long sequence lengths.
+
+torch is imported inside the functions that build or compute tensors, not at module level, so that
+validating a suite file (names, shapes, rules) answers in a fraction of a second without it.
 """
 
 from __future__ import annotations
@@ -10,24 +13,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import InputError, unknown_name
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise unknown_name("dtype", name, DTYPES)
-    return DTYPES[name]
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise unknown_name("dtype", name, DTYPE_NAMES)
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Inputs:
 
     @property
     def nbytes(self) -> int:
+        import torch
+
         def size(obj: Any) -> int:
             if isinstance(obj, torch.Tensor):
                 return obj.numel() * obj.element_size()
@@ -99,10 +102,13 @@ class GateWeights:
         return (self.w_g, self.b_g, self.w_x, self.b_x, self.w_psi, self.b_psi)
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GateWeights:
+
         return GateWeights(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype, device: str) -> torch.Tensor:
+    import torch
+
     # Draw on the CPU in float32 so that a seed gives the same values on every device and dtype.
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
@@ -164,6 +170,8 @@ class DotProductVariant(Variant):
         return params
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        import torch
+
         params = self.normalize(params)
         torch_type = torch_dtype(dtype or params.dtype)
         device = device or params.device
@@ -201,6 +209,8 @@ def causal_mask(
 
     `row_ids` gives the absolute query positions when only some rows are computed.
     """
+    import torch
+
     rows = torch.arange(n_q, device=device) if row_ids is None else row_ids.to(device)
     return torch.arange(n_kv, device=device)[None, :] <= rows[:, None]
 
@@ -214,6 +224,8 @@ def with_causal(
     row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
+    import torch
+
     if not causal:
         return mask
     tri = causal_mask(n_q, n_kv, device, row_ids)
@@ -239,6 +251,8 @@ def reference_attention(
     `rows` restricts the result to a slice of query rows (the runner samples rows of very long
     sequences); the returned tensor then holds only those rows.
     """
+    import torch
+
     n_q, n_kv, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = rows or slice(0, n_q)
@@ -296,6 +310,8 @@ class GateVariant(Variant):
         return params.head_dim, params.head_dim, max(1, params.head_dim // 2)
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        import torch
+
         params = self.normalize(params)
         torch_type = torch_dtype(dtype or params.dtype)
         device = device or params.device
@@ -331,6 +347,8 @@ class GateVariant(Variant):
 
 
 def reference_gate(x: torch.Tensor, g: torch.Tensor, weights: GateWeights) -> torch.Tensor:
+    import torch
+
     w = weights.to(dtype=torch.float64)
     x64, g64 = x.double(), g.double()
     pre = torch.einsum("fc,bchw->bfhw", w.w_g, g64) + w.b_g[:, None, None]

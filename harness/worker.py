@@ -76,6 +76,10 @@ class CaseRunner:
         ok, why = impl.available_for(params)
         if not ok:
             return {"status": "skipped", "reason": why}
+        if task.get("fresh_inputs"):
+            # New allocations, new addresses: a layout that happens to suit (or hurt) one process
+            # must not persist through every round of an A/B comparison.
+            self._baseline_key = self._inputs = self._baseline = None
         inputs, base = self._prepare(variant, params, task["seed"], "accuracy" in measure)
 
         def call() -> torch.Tensor:
