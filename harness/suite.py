@@ -23,6 +23,8 @@ from harness.variants import VARIANTS, Params
 MAX_CASES = 100_000
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIASES = 100
+# Aliases make a YAML tree a graph; this bounds the tree it stands for (the "billion laughs").
+MAX_EXPANDED_NODES = 100_000
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 PARAM_AXES = ("batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal")
 
@@ -187,6 +189,11 @@ class Suite(_Strict):
         return self.sweep if isinstance(self.sweep, list) else [self.sweep]
 
 
+_FIELD_NAMES = frozenset(
+    name for model in (Suite, Sweep, Timing, Limits, ExcludeRule, Range, QuickOverrides) for name in model.model_fields
+)
+
+
 @dataclass(frozen=True)
 class Case:
     """One measurement: a variant, an implementation and a point of the sweep."""
@@ -253,6 +260,20 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (computed on the graph)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a cycle counts once rather than recursing forever
+        children: list = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[key]
+
+
 def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
     """Line (1-based) of every key path in a composed YAML tree, to point errors at lines."""
     out = {} if out is None else out
@@ -261,6 +282,8 @@ def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None)
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # refused later, with its line, by the loader
             key = key_node.value
             out.setdefault((*path, key), key_node.start_mark.line + 1)
             _line_map(value_node, (*path, key), out)
@@ -268,6 +291,11 @@ def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None)
         for i, item in enumerate(node.value):
             _line_map(item, (*path, i), out)
     return out
+
+
+def loc_last(error: dict) -> object:
+    """An unknown key is the last element of an extra_forbidden error's location: keep it."""
+    return error["loc"][-1] if error["type"] == "extra_forbidden" else None
 
 
 def _format_loc(loc: tuple) -> str:
@@ -278,7 +306,7 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _model_for(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model a location points into, to list its allowed keys."""
+    """The pydantic model a (cleaned) location points into, to list its allowed keys."""
     models: dict[str, type[BaseModel]] = {
         "sweep": Sweep,
         "timing": Timing,
@@ -288,16 +316,25 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
     }
     model: type[BaseModel] = Suite
     for part in loc[:-1]:
-        if isinstance(part, str) and part in models and part in model.model_fields:
+        if isinstance(part, int):
+            continue
+        if model is Suite and part in models:
             model = models[part]
-        elif isinstance(part, str) and part not in ("Sweep", "list[Sweep]"):
+        elif model is ExcludeRule and part in PARAM_AXES:
+            model = Range  # {gt: ..., le: ...} conditions
+        else:
             return None
     return model
 
 
+def _clean_loc(error: dict) -> tuple:
+    # pydantic puts union branch names ('Sweep', 'list[Sweep]', "literal['all']") in loc; they mean
+    # nothing to a user, so only field names and list indices are kept.
+    return tuple(p for p in error["loc"] if isinstance(p, int) or p in _FIELD_NAMES or p == loc_last(error))
+
+
 def _explain(file: str, error: dict, lines: dict[tuple, int]) -> str:
-    # pydantic puts union branch names ('Sweep', 'list[Sweep]') in loc; they mean nothing to a user.
-    loc = tuple(p for p in error["loc"] if p not in ("Sweep", "list[Sweep]") and not str(p).startswith("function-"))
+    loc = _clean_loc(error)
     key = _format_loc(loc)
     line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
     where = f"{file}:{line}" if line else file
@@ -329,8 +366,12 @@ def parse_suite(
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # A sweep is a mapping or a list of mappings; report only against the form the file used.
-        wrong_branch = "list[Sweep]" if isinstance(data.get("sweep"), dict) else "Sweep"
+        wrong_branch = "Sweep" if isinstance(data.get("sweep"), list) else "list[Sweep]"
         errors = [e for e in errors if wrong_branch not in e["loc"]] or errors
+        # An unknown key inside a union (an exclude condition) also fails the union's other
+        # branches at the parent; the unknown key is the message that helps.
+        unknown_parents = {_clean_loc(e)[:-1] for e in errors if e["type"] == "extra_forbidden"}
+        errors = [e for e in errors if e["type"] == "extra_forbidden" or _clean_loc(e) not in unknown_parents]
         # Union branches repeat one mistake several times; show each message once, the first few.
         messages = list(dict.fromkeys(_explain(file, e, lines) for e in errors))
         more = f"\n  (and {len(messages) - 5} more)" if len(messages) > 5 else ""
@@ -404,10 +445,17 @@ def parse_text(text: str, file: str = "<suite>", known: dict[str, list[str]] | N
         loader = _StrictLoader(text)
         try:
             node = loader.get_single_node()
+            if node is not None and (size := _expanded_size(node, {})) > MAX_EXPANDED_NODES:
+                raise InputError(
+                    f"{file}: YAML aliases expand this document to {size:,} nodes (limit {MAX_EXPANDED_NODES:,}); "
+                    "refusing a possible alias bomb"
+                )
             lines = _line_map(node)
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
+    except InputError:
+        raise
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{file}:{mark.line + 1}" if mark else file
