@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ RECORD_KEYS = (
 )
 STATUSES = ("ok", "skipped", "error", "timeout", "oom", "crash")
 JSONL = "results.jsonl"
+MIN_FREE_BYTES = 16 << 20
 
 
 def _clean(value: Any) -> Any:
@@ -69,6 +71,12 @@ class RunFolder:
             probe.unlink()
         except OSError as exc:
             raise InputError(f"{self.path}: results folder is not writable: {exc.strerror}") from None
+        free = shutil.disk_usage(self.path).free
+        if free < MIN_FREE_BYTES:
+            raise InputError(
+                f"{self.path}: only {free / 2**20:.1f} MiB free on this disk; a run needs at least "
+                f"{MIN_FREE_BYTES >> 20} MiB for its records and report"
+            )
         self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the run's lifetime
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,9 +109,16 @@ class RunFolder:
 
     def append(self, record: dict) -> None:
         line = json.dumps(_clean(record), allow_nan=False)
-        self._jsonl.write(line + "\n")
-        self._jsonl.flush()
-        os.fsync(self._jsonl.fileno())
+        try:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+        except OSError as exc:
+            # Earlier records are on disk; stop with a clear message rather than measure on blind.
+            raise InputError(
+                f"{self.path / JSONL}: cannot write the record of {record.get('case_id')}: "
+                f"{exc.strerror}; records written so far are kept"
+            ) from None
 
     def write_json(self, name: str, data: dict) -> None:
         tmp = self.path / f".{name}.tmp"

@@ -23,6 +23,10 @@ from harness.results import JSONL, RunFolder, environment, new_record, read_reco
 from harness.suite import Case, Suite, expand
 
 POLL_S = 0.05
+STARTUP_TIMEOUT_S = 180.0
+# A worker whose resident memory grew this much over its first case is replaced before the next
+# case, so that a kernel that leaks cannot make the cases after it fail or measure differently.
+LEAK_LIMIT_BYTES = 512 << 20
 
 # glibc adapts its mmap threshold to the sizes a process has freed, so two processes running the
 # same kernel can end in different regimes: one reusing heap pages, the other page-faulting fresh
@@ -57,8 +61,10 @@ class Worker:
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
+        self._baseline_rss = 0
 
-    def _start(self) -> None:
+    def _start(self) -> dict | None:
+        """Start a worker and wait until it is ready; a worker that dies on the way is a result."""
         from harness.worker import serve
 
         parent, child = self._ctx.Pipe()
@@ -72,6 +78,16 @@ class Worker:
                 os.environ.pop(key, None)
         child.close()
         self._conn = parent
+        if parent.poll(STARTUP_TIMEOUT_S):
+            try:
+                ready = parent.recv()
+                self._baseline_rss = ready.get("rss", 0)
+                return None
+            except (EOFError, OSError):
+                pass
+        code = self._proc.exitcode
+        self.stop(kill=True)
+        return {"status": "crash", "reason": f"worker failed to start ({_signal_name(code)})"}
 
     def stop(self, kill: bool = False) -> None:
         if self._proc is None:
@@ -88,6 +104,16 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+        self._baseline_rss = 0
+
+    def _check_leak(self, result: dict) -> dict:
+        rss = result.pop("worker_rss", 0) if isinstance(result, dict) else 0
+        if rss and self._baseline_rss and rss - self._baseline_rss > LEAK_LIMIT_BYTES:
+            grown = (rss - self._baseline_rss) / 2**20
+            self.stop()
+            note = f"the worker held {grown:.0f} MiB more after this case than when it started; worker replaced"
+            result = result | {"leak_note": note}
+        return result
 
     def names(self) -> dict[str, list[str]]:
         """The implementations registered in this worker's source tree, per variant."""
@@ -98,16 +124,20 @@ class Worker:
 
     def run(self, task: dict, timeout_s: float, memory_limit: int | None) -> dict:
         if self._proc is None or not self._proc.is_alive():
-            self._start()
+            failed = self._start()
+            if failed is not None:
+                return failed
         self._conn.send(task)
         started = time.monotonic()
         peak = 0
         while True:
             if self._conn.poll(POLL_S):
                 try:
-                    return self._conn.recv()
+                    result = self._conn.recv()
                 except (EOFError, OSError):
                     pass  # the worker died while sending; fall through to the liveness check
+                else:
+                    return self._check_leak(result)
             if not self._proc.is_alive():
                 code = self._proc.exitcode
                 self.stop(kill=True)

@@ -114,6 +114,22 @@ class CaseRunner:
         return result
 
 
+def settled_rss() -> int:
+    """Resident memory once garbage and free heap pages are handed back: what the process really holds."""
+    import gc
+
+    from harness.memory import _libc, _status_bytes
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    try:
+        return _status_bytes("VmRSS")
+    except (OSError, RuntimeError):
+        return 0
+
+
 def names() -> dict[str, list[str]]:
     from harness.variants import VARIANTS
 
@@ -135,6 +151,7 @@ def serve(conn: Any, tree: str | None = None) -> None:
             del sys.modules[name]
     runner = CaseRunner()
     registry.load()
+    conn.send({"ready": True, "rss": settled_rss()})
     while True:
         try:
             task = conn.recv()
@@ -142,4 +159,9 @@ def serve(conn: Any, tree: str | None = None) -> None:
             return
         if task is None:
             return
-        conn.send(names() if task.get("kind") == "names" else runner.run(task))
+        if task.get("kind") == "names":
+            conn.send(names())
+            continue
+        result = runner.run(task)
+        result["worker_rss"] = settled_rss()
+        conn.send(result)

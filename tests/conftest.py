@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import json
+import os
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +34,33 @@ def assert_accurate(variant: str, inputs: Inputs, impl: registry.Implementation)
 @pytest.fixture
 def params() -> Params:
     return Params(batch=2, heads=3, seq_len=67, head_dim=32)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_TIMING = "timing: {warmup: 1, min_time_s: 0.01, min_samples: 3, max_time_s: 0.5, min_sample_time_s: 0}"
+
+
+def suite_text(implementations: list[str], extra: str = "", seq_len: str = "[32]") -> str:
+    """A tiny multi_head suite over the given implementations, timed briefly."""
+    return (
+        textwrap.dedent(f"""\
+        name: t
+        variants: [multi_head]
+        implementations: {json.dumps(implementations)}
+        sweep: {{batch: [1], heads: [2], seq_len: {seq_len}, head_dim: [16], threads: [1]}}
+        """)
+        + FAST_TIMING
+        + "\n"
+        + extra
+    )
+
+
+@pytest.fixture
+def faulty_plugins(monkeypatch):
+    """Registers tests/plugins/faulty.py here and in every worker (through HARNESS_PLUGINS)."""
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins.faulty")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    registry.reload()
+    yield
+    monkeypatch.delenv("HARNESS_PLUGINS")
+    registry.reload()

@@ -8,45 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from harness import registry
 from harness.errors import InputError
 from harness.results import RECORD_KEYS, RunFolder, read_records
 from harness.runner import run_suite
 from harness.suite import parse_text
-
-ROOT = Path(__file__).resolve().parents[1]
-
-FAST_TIMING = "timing: {warmup: 1, min_time_s: 0.01, min_samples: 3, max_time_s: 0.5, min_sample_time_s: 0}"
-
-
-@pytest.fixture
-def faulty_plugins(monkeypatch):
-    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins.faulty")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    registry.reload()
-    yield
-    monkeypatch.delenv("HARNESS_PLUGINS")
-    registry.reload()
-
-
-def suite_text(implementations: list[str], extra: str = "", seq_len: str = "[32]") -> str:
-    return (
-        textwrap.dedent(f"""\
-        name: t
-        variants: [multi_head]
-        implementations: {json.dumps(implementations)}
-        sweep: {{batch: [1], heads: [2], seq_len: {seq_len}, head_dim: [16], threads: [1]}}
-        """)
-        + FAST_TIMING
-        + "\n"
-        + extra
-    )
+from tests.conftest import ROOT, suite_text
 
 
 def by_impl(records):

@@ -13,7 +13,7 @@ import jinja2
 import pandas as pd
 
 from harness.errors import InputError
-from harness.report.plots import FAILED, write_plots
+from harness.report.plots import FAILED, plottable_groups, write_plots
 from harness.results import latest_records, read_records, to_frame, write_csv
 
 SHAPE_KEYS = ["variant", "batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal"]
@@ -126,6 +126,7 @@ def write_report(run_dir: str | Path) -> Path:
         counts=counts,
         total=len(records),
         figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in figures],
+        figures_omitted=max(0, len(plottable_groups(frame)) - len(figures)) if len(frame) else 0,
         best=best_per_shape(frame) if len(frame) else [],
         failures=failures,
         columns=TABLE_COLUMNS,

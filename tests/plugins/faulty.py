@@ -82,3 +82,13 @@ def allocates_64mib(q, k, v, *, causal=False, scale=None, mask=None):
     out = naive(q, k, v, causal=causal, scale=scale, mask=mask)
     del scratch
     return out
+
+
+_LEAKED: list = []
+
+
+@register("leaks", variants=("multi_head",))
+def leaks(q, k, v, *, causal=False, scale=None, mask=None):
+    """Keeps 128 MiB alive after every call: memory the worker never gets back."""
+    _LEAKED.append(torch.ones(1 << 25))
+    return naive(q, k, v, causal=causal, scale=scale, mask=mask)
