@@ -1,0 +1,41 @@
+"""pytest-benchmark over the same registry and suites/ci.yaml, for teams that gate with pytest.
+
+Ordinary test runs skip these (`--benchmark-skip` in README's test command). To record and gate:
+
+    python -m pytest tests/bench --benchmark-only --benchmark-autosave
+    python -m pytest tests/bench --benchmark-only --benchmark-compare --benchmark-compare-fail=median:15%
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import registry
+from harness.suite import expand, load_suite
+from harness.variants import VARIANTS
+
+SUITE = load_suite(Path(__file__).resolve().parents[2] / "suites" / "ci.yaml")
+CASES = [c for c in expand(SUITE) if not c.skip_reason]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
+def test_forward(benchmark, case):
+    impl = registry.get(case.variant, case.implementation)
+    ok, why = impl.available_for(case.params)
+    if not ok:
+        pytest.skip(why)
+    torch.set_num_threads(case.params.threads or torch.get_num_threads())
+    inputs = VARIANTS[case.variant].make_inputs(case.params, seed=SUITE.seed)
+    benchmark.group = f"{case.variant} n={case.params.seq_len}"
+    benchmark.extra_info.update(case.params.as_dict())
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return inputs.call(impl.fn)
+
+    out = benchmark(forward)
+    assert out.shape == inputs.args[0].shape
+    benchmark.extra_info["tflops"] = VARIANTS[case.variant].flops(case.params) / benchmark.stats.stats.median / 1e12
