@@ -159,6 +159,11 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _verdict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -183,18 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("compare", help="per-case verdicts between two run folders; exit 1 on a regression")
     p.add_argument("base", help="base run folder")
     p.add_argument("new", help="new run folder")
-    p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
-    p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
+    _verdict_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("gate", help="interleaved A/B of two commits on a suite; exit 1 on a regression")
     p.add_argument("suite", help="suite YAML file, e.g. suites/ci.yaml")
     p.add_argument("--base", required=True, help="git ref of the base (e.g. origin/main)")
     p.add_argument("--head", help="git ref of the head (default: the working tree)")
-    p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
+    _verdict_options(p)
     p.add_argument("--rounds", type=int, default=7, help="interleaved A/B rounds per case (default 7)")
     p.add_argument("--out", help="folder for base/ and head/ records (default results/gate-<suite>-<time>)")
-    p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
     p.set_defaults(func=cmd_gate)
     return parser
 

@@ -203,7 +203,19 @@ class RunResult:
         return [r for r in self.records if r["status"] == "ok" and r.get("accurate") is False]
 
 
+TASK_CACHE = Path("results") / "task-cache"
+
+
 def task_for(case: Case, suite: Suite) -> dict:
+    if case.task:
+        return {
+            "kind": "task",
+            "task": case.task,
+            "variant": case.variant,
+            "implementation": case.implementation,
+            "cache_dir": str(TASK_CACHE),
+            "threads": (suite.sweeps[0].threads[0] if suite.sweeps else None),
+        }
     return {
         "variant": case.variant,
         "implementation": case.implementation,
@@ -212,6 +224,22 @@ def task_for(case: Case, suite: Suite) -> dict:
         "timing": suite.timing.model_dump(),
         "seed": suite.seed,
     }
+
+
+def records_of(suite: str, case: Case, outcome: dict) -> list[dict]:
+    """The records of one case: one, or for a task one per metric (DESIGN's task record keys)."""
+    if not case.task:
+        return [new_record(suite, case.variant, case.implementation, case.case_id, case.params.as_dict(), **outcome)]
+    metrics = outcome.pop("task_metrics", None)
+    common = {"task": case.task, "task_case": case.case_id}
+    if not metrics:
+        return [new_record(suite, case.variant, case.implementation, case.case_id, {}, **common, **outcome)]
+    return [
+        new_record(
+            suite, case.variant, case.implementation, f"{case.case_id}/{m['metric']}", {}, **common, **outcome, **m
+        )
+        for m in metrics
+    ]
 
 
 def run_suite(
@@ -232,7 +260,7 @@ def run_suite(
     cases = expand(suite, only)
     result = RunResult(out)
     with RunFolder(out) as folder:
-        done = {r["case_id"]: r for r in read_records(out)} if (out / JSONL).exists() else {}
+        done = {r.get("task_case") or r["case_id"]: r for r in read_records(out)} if (out / JSONL).exists() else {}
         if resume is None or not (out / "env.json").exists():
             env = environment() | {
                 "suite": suite.name,
@@ -241,7 +269,7 @@ def run_suite(
             }
             folder.write_json("env.json", env)
         folder.write_json("suite.json", suite.model_dump(mode="json"))
-        result.records.extend(done.values())
+        result.records.extend(read_records(out) if done else [])
         todo = [c for c in cases if c.case_id not in done]
         memory_limit = int(suite.limits.memory_gib * 2**30) if suite.limits.memory_gib else None
         worker = Worker()
@@ -256,11 +284,9 @@ def run_suite(
                     outcome: dict = {"status": "skipped", "reason": why}
                 else:
                     outcome = worker.run(task_for(case, suite), suite.limits.timeout_s, memory_limit)
-                record = new_record(
-                    suite.name, case.variant, case.implementation, case.case_id, case.params.as_dict(), **outcome
-                )
-                folder.append(record)
-                result.records.append(record)
+                for record in records_of(suite.name, case, outcome):
+                    folder.append(record)
+                    result.records.append(record)
                 if progress is not None:
                     progress.case_finished(case, record)
         except KeyboardInterrupt:

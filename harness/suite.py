@@ -159,12 +159,24 @@ class QuickOverrides(_Strict):
 Measure = Literal["time", "memory", "accuracy"]
 
 
+def _known(kind: str, names: list[str], allowed: Iterable[str]) -> list[str]:
+    """Validator body: every name must be one of `allowed`; say which is closest when not."""
+    allowed = list(allowed)
+    for name in names:
+        if name not in allowed:
+            hint = closest(name, allowed)
+            did = f" (did you mean {hint!r}?)" if hint else ""
+            raise ValueError(f"unknown {kind} {name!r}{did}; allowed: {', '.join(allowed)}")
+    return names
+
+
 class Suite(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
-    variants: list[str] = Field(min_length=1)
+    variants: list[str] = Field(default_factory=list)
     implementations: Literal["all"] | list[str] = "all"
-    sweep: Sweep | list[Sweep]
+    sweep: Sweep | list[Sweep] | None = None
+    tasks: list[str] = Field(default_factory=list)
     measure: list[Measure] = Field(default=["time", "memory", "accuracy"], min_length=1)
     timing: Timing = Timing()
     limits: Limits = Limits()
@@ -175,17 +187,27 @@ class Suite(_Strict):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, variants: list[str]) -> list[str]:
-        for v in variants:
-            if v not in VARIANTS:
-                hint = closest(v, VARIANTS)
-                raise ValueError(
-                    f"unknown variant {v!r}{f' (did you mean {hint!r}?)' if hint else ''}; "
-                    f"allowed: {', '.join(VARIANTS)}"
-                )
-        return variants
+        return _known("variant", variants, VARIANTS)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from harness.tasks import TASKS
+
+        return _known("task", tasks, TASKS)
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> Suite:
+        if not self.tasks and not (self.variants and self.sweep):
+            raise ValueError("a suite needs `variants` and `sweep` (kernel cases), or `tasks` (task cases), or both")
+        if self.variants and self.sweep is None:
+            raise ValueError("`variants` needs a `sweep` of shapes to run them at")
+        return self
 
     @property
     def sweeps(self) -> list[Sweep]:
+        if self.sweep is None:
+            return []
         return self.sweep if isinstance(self.sweep, list) else [self.sweep]
 
 
@@ -203,9 +225,12 @@ class Case:
     implementation: str
     params: Params
     skip_reason: str = ""
+    task: str = ""
 
     @property
     def case_id(self) -> str:
+        if self.task:
+            return f"task/{self.task}/{self.implementation}"
         return case_id(self.variant, self.implementation, self.params)
 
 
@@ -388,7 +413,7 @@ def _check_names(suite: Suite, file: str, lines: dict[tuple, int], names: dict[s
     def known_names(variant: str) -> list[str]:
         return names.get(variant, []) if names is not None else registry.names(variant)
 
-    total = sum(s.size() for s in suite.sweeps) * len(suite.variants)
+    total = sum(s.size() for s in suite.sweeps) * max(1, len(suite.variants))
     if total > MAX_CASES:
         raise InputError(
             f"{file}: key 'sweep' expands to {total:,} shape points x variants; the limit is {MAX_CASES:,}. "
@@ -396,7 +421,9 @@ def _check_names(suite: Suite, file: str, lines: dict[tuple, int], names: dict[s
         )
     if suite.implementations != "all":
         known = set()
-        for variant in suite.variants:
+        from harness.tasks import variant_of
+
+        for variant in [*suite.variants, *(variant_of(t) for t in suite.tasks)]:
             known |= set(known_names(variant))
         for i, name in enumerate(suite.implementations):
             if name not in known and "*" not in known:
@@ -406,7 +433,7 @@ def _check_names(suite: Suite, file: str, lines: dict[tuple, int], names: dict[s
                 did = f" Did you mean {hint!r}?" if hint else ""
                 raise InputError(
                     f"{where}: key 'implementations[{i}]': unknown implementation {name!r}.{did} "
-                    f"Allowed for {', '.join(suite.variants)}: all, {', '.join(sorted(known))}"
+                    f"Allowed here: all, {', '.join(sorted(known))}"
                 )
     for s_index, sweep in enumerate(suite.sweeps):
         for variant in suite.variants:
@@ -524,14 +551,30 @@ def expand(suite: Suite, only: Iterable[str] | None = None, names: dict[str, lis
                     if rule is not None:
                         case = replace(case, skip_reason=rule.describe())
                     cases.setdefault(case.case_id, case)
+    from harness.tasks import variant_of
+
+    for task in suite.tasks:
+        variant = variant_of(task)
+        chosen = (
+            known(variant)
+            if suite.implementations == "all"
+            else [n for n in suite.implementations if n in known(variant)]
+        )
+        for name in chosen:
+            if only and name not in only:
+                continue
+            case = Case(suite.name, variant, name, Params(), task=task)
+            cases.setdefault(case.case_id, case)
     return list(cases.values())
 
 
 def check_only(suite: Suite, only: Iterable[str]) -> None:
     """--only names must exist for the suite's variants."""
     from harness import registry
+    from harness.tasks import variant_of
 
-    known = {name for variant in suite.variants for name in registry.names(variant)}
+    variants = [*suite.variants, *(variant_of(t) for t in suite.tasks)]
+    known = {name for variant in variants for name in registry.names(variant)}
     for name in only:
         if name not in known:
             hint = closest(name, known)

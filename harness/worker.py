@@ -65,6 +65,23 @@ class CaseRunner:
             message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
             return {"status": status, "reason": f"{type(exc).__name__}: {message}{_where(exc)}"}
 
+    def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A task case: train (or load) the task's model, evaluate `implementation` against naive."""
+        try:
+            impl = registry.get(task["variant"], task["implementation"])
+            ok, why = impl.available("cpu", "float32")
+            if not ok:
+                return {"status": "skipped", "reason": why}
+            from harness.tasks import run_task
+
+            if task.get("threads"):
+                torch.set_num_threads(task["threads"])
+            return run_task(task["task"], task["implementation"], task.get("cache_dir"))
+        except Exception as exc:
+            status = "oom" if _is_oom(exc) else "error"
+            message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+            return {"status": status, "reason": f"{type(exc).__name__}: {message}{_where(exc)}"}
+
     def _run(self, task: dict[str, Any]) -> dict[str, Any]:
         params = Params(**task["params"])
         variant, measure = task["variant"], set(task["measure"])
@@ -162,6 +179,6 @@ def serve(conn: Any, tree: str | None = None) -> None:
         if task.get("kind") == "names":
             conn.send(names())
             continue
-        result = runner.run(task)
+        result = runner.run_task(task) if task.get("kind") == "task" else runner.run(task)
         result["worker_rss"] = settled_rss()
         conn.send(result)

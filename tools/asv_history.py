@@ -24,9 +24,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "results" / "asv" / "html"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def step(name: str, *cmd: str) -> float:
@@ -40,6 +48,7 @@ def step(name: str, *cmd: str) -> float:
 
 # asv's published page loads jQuery, flot and friends from CDNs. For a site that works offline (and
 # on this network-less machine) the same releases are taken from the npm registry and linked locally.
+JSDELIVR = "https://cdn.jsdelivr.net/npm/"
 VENDOR = {
     "jquery@3.3.1": {"https://code.jquery.com/jquery-3.3.1.min.js": "package/dist/jquery.min.js"},
     "flot@0.8.3": {
@@ -47,8 +56,7 @@ VENDOR = {
         for part in ("", ".time", ".selection", ".categories")
     },
     "flot-orderbars@1.0.0": {
-        "https://cdn.jsdelivr.net/npm/flot-orderbars@1.0.0/js/jquery.flot.orderBars.js":
-            "package/js/jquery.flot.orderBars.js"
+        JSDELIVR + "flot-orderbars@1.0.0/js/jquery.flot.orderBars.js": "package/js/jquery.flot.orderBars.js"
     },
     "stupid-table-plugin@1.1.3": {
         "https://cdnjs.cloudflare.com/ajax/libs/stupidtable/1.0.1/stupidtable.min.js": "package/stupidtable.min.js"
@@ -73,8 +81,11 @@ def vendor(html_dir: Path) -> None:
     page = index.read_text()
     with tempfile.TemporaryDirectory() as tmp:
         for spec, files in VENDOR.items():
-            packed = subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True,
-                                    check=True).stdout.strip().splitlines()[-1]
+            packed = (
+                subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             with tarfile.open(Path(tmp) / packed) as archive:
                 for url, member in files.items():
                     local = target / Path(member).name
@@ -98,8 +109,13 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
 
 
 def render(browser: str, url: str, profile: Path, screenshot: Path | None = None) -> str:
-    args = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=8000",
-            "--window-size=1400,900"]
+    args = [
+        browser,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=8000",
+        "--window-size=1400,900",
+    ]
     args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
     done = subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
     return done.stdout
@@ -118,8 +134,11 @@ def main() -> int:
     vendor(HTML)
     index = json.loads((HTML / "index.json").read_text())
     benchmarks = sorted(index["benchmarks"])
-    commits = subprocess.run(["git", "log", "--format=%h %s", f"-{args.commits}"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip().splitlines()
+    commits = (
+        subprocess.run(["git", "log", "--format=%h %s", f"-{args.commits}"], cwd=ROOT, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()
+    )
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         print("chromium not found; install Debian's chromium to check the site", file=sys.stderr)

@@ -13,7 +13,7 @@ import jinja2
 import pandas as pd
 
 from harness.errors import InputError
-from harness.report.plots import FAILED, plottable_groups, write_plots
+from harness.report.plots import FAILED, plot_tasks, plottable_groups, write_plots
 from harness.results import latest_records, read_records, to_frame, write_csv
 
 SHAPE_KEYS = ["variant", "batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal"]
@@ -114,8 +114,13 @@ def write_report(run_dir: str | Path) -> Path:
         env = {"env.json": "unreadable"}
     frame = to_frame(records)
     write_csv(records, run_dir / "results.csv")
-    figures = write_plots(frame, run_dir / "plots") if len(frame) else []
-    table = [{c: r.get(c) for c in TABLE_COLUMNS} for r in frame.to_dict("records")] if len(frame) else []
+    kernel_frame = frame[frame["task"].isna()] if "task" in frame else frame
+    figures = write_plots(kernel_frame, run_dir / "plots") if len(kernel_frame) else []
+    task_figures = plot_tasks(frame) if len(frame) else []
+    for figure in task_figures:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        (run_dir / "plots" / figure.path.name).write_bytes(figure.png)
+    table = [{c: r.get(c) for c in TABLE_COLUMNS} for r in kernel_frame.to_dict("records")] if len(kernel_frame) else []
     failures = [r for r in table if r["status"] in FAILED or (r["status"] == "ok" and r["accurate"] is False)]
     counts = frame["status"].value_counts().to_dict() if len(frame) else {}
     tasks = [r for r in records if r.get("task")]
@@ -126,8 +131,9 @@ def write_report(run_dir: str | Path) -> Path:
         counts=counts,
         total=len(records),
         figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in figures],
-        figures_omitted=max(0, len(plottable_groups(frame)) - len(figures)) if len(frame) else 0,
-        best=best_per_shape(frame) if len(frame) else [],
+        figures_omitted=max(0, len(plottable_groups(kernel_frame)) - len(figures)) if len(kernel_frame) else 0,
+        task_figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in task_figures],
+        best=best_per_shape(kernel_frame) if len(kernel_frame) else [],
         failures=failures,
         columns=TABLE_COLUMNS,
         table=table,

@@ -200,3 +200,36 @@ def write_plots(frame: pd.DataFrame, out_dir: Path, max_groups: int = MAX_FIGURE
         path.write_bytes(png)
         figures.append(Figure(group_title(key), path, png))
     return figures
+
+
+def plot_tasks(frame: pd.DataFrame) -> list[Figure]:
+    """Per task, each metric by implementation as bars, with the trivial baseline as a dashed line."""
+    figures: list[Figure] = []
+    if "task" not in frame or frame["task"].isna().all():
+        return figures
+    tasks = frame[frame["task"].notna() & (frame["status"] == "ok")]
+    for task, rows in tasks.groupby("task", sort=False):
+        metrics = list(dict.fromkeys(rows["metric"]))
+        fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 3.2 * len(metrics)), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            part = rows[rows["metric"] == metric].sort_values("implementation")
+            ax.bar(part["implementation"], part["value"], color=[colour(n) for n in part["implementation"]])
+            baseline = part["baseline"].dropna()
+            if len(baseline):
+                ax.axhline(
+                    float(baseline.iloc[0]),
+                    color="black",
+                    linestyle="--",
+                    linewidth=1,
+                    label=str(part["baseline_name"].iloc[0]) if "baseline_name" in part else "baseline",
+                )
+                ax.legend(fontsize=7, loc="lower right")
+            ax.set_title(metric, fontsize=10)
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+        fig.suptitle(f"task: {task}", fontsize=11)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        figures.append(Figure(f"task {task}: metric by implementation", Path(f"task-{task}.png"), buffer.getvalue()))
+    return figures

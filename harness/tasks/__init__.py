@@ -1,0 +1,60 @@
+"""The five tasks the attention variants come from, each small enough to train on a CPU in a minute.
+
+`run_task(name, implementation)` trains the task's model once (cached under results/task-cache),
+evaluates it with `naive` and with `implementation` on the same weights, and returns the records'
+task fields: metric, value, baseline, agreement with naive's predictions, and samples/s.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from harness.errors import unknown_name
+
+TASKS: dict[str, str] = {
+    "text_classification": "self_attention",
+    "captioning": "multi_head",
+    "segmentation": "attention_gate",
+    "retrieval": "cross_attention",
+    "chatbot": "causal",
+}
+
+
+def variant_of(task: str) -> str:
+    if task not in TASKS:
+        raise unknown_name("task", task, TASKS)
+    return TASKS[task]
+
+
+def run_task(task: str, implementation: str, cache_dir: str | Path | None = None) -> dict:
+    """Evaluate one implementation on one task; the outcome the worker sends back."""
+    import torch
+
+    variant_of(task)
+    module = importlib.import_module(f"harness.tasks.{task}")
+    torch.manual_seed(0)
+    evaluation, reference, info = module.run(implementation, cache_dir)
+    same = evaluation.predictions == reference.predictions
+    agreement = float(same.float().mean()) if same.numel() else 1.0
+    return {
+        "status": "ok",
+        "reason": "",
+        "task_metrics": [
+            {
+                "metric": m.name,
+                "value": m.value,
+                "baseline": m.baseline,
+                "baseline_name": m.baseline_name,
+                "naive_value": next(r.value for r in reference.metrics if r.name == m.name),
+                "higher_is_better": m.higher_is_better,
+            }
+            for m in evaluation.metrics
+        ],
+        "agreement": agreement,
+        "samples_per_s": evaluation.samples / evaluation.seconds if evaluation.seconds else None,
+        "eval_seconds": evaluation.seconds,
+        "train_seconds": info.get("train_seconds"),
+        "cached_weights": info.get("cached", False),
+        "task_extra": evaluation.extra | {k: v for k, v in info.items() if k not in ("cached",)},
+    }
