@@ -159,6 +159,28 @@ def _threshold(text: str) -> float:
     return value
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from harness.profile import PROFILE_JSON, profile_suite
+
+    out = profile_suite(args.suite, args.case, args.out)
+    import json
+
+    for entry in json.loads((out / PROFILE_JSON).read_text()):
+        if entry["status"] != "ok":
+            console.print(f"skipped {entry['case_id']}: {entry['reason']}", highlight=False)
+            continue
+        table = Table(title=entry["case_id"], title_justify="left")
+        for column in ("operator", "calls", "self CPU ms", "share"):
+            table.add_column(column, justify="left" if column == "operator" else "right")
+        for op in entry["top_operators"][:8]:
+            table.add_row(op["name"], str(op["calls"]), f"{op['self_cpu_us'] / 1e3:.2f}", f"{op['self_cpu_share']:.0%}")
+        console.print(table)
+    console.print(f"traces: {out}/  (tensorboard --logdir {out}/tb ; chrome/*.json for Perfetto)", highlight=False)
+    return 0
+
+
 def _verdict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
     p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
@@ -196,9 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="git ref of the base (e.g. origin/main)")
     p.add_argument("--head", help="git ref of the head (default: the working tree)")
     _verdict_options(p)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved A/B rounds per case (default 7)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved A/B rounds per case (default 9, at least 6)")
     p.add_argument("--out", help="folder for base/ and head/ records (default results/gate-<suite>-<time>)")
     p.set_defaults(func=cmd_gate)
+
+    p = verbs.add_parser("profile", help="torch.profiler traces (TensorBoard, Chrome/Perfetto) of chosen cases")
+    p.add_argument("suite", help="suite YAML file")
+    p.add_argument(
+        "--case",
+        action="append",
+        metavar="CASE_ID",
+        help="a case id to profile (repeatable; default: every case of the suite's --quick version)",
+    )
+    p.add_argument("--out", help="folder for traces and profile.json (a run folder puts them in its report)")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 

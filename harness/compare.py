@@ -5,8 +5,8 @@ A verdict is only "slower" when the whole 95% confidence interval of the time ra
 a pull request (pyperf's "not significant" rather than an invented slow-down). A ratio beyond the
 threshold whose interval excludes 1 but reaches below 1 + threshold is "possibly slower": shown,
 not failing. The interval comes from the stored samples:
-paired per-round ratios when both sides were measured in interleaved rounds (the gate), or an
-independent bootstrap of the two sample sets otherwise (two separate runs).
+the sign-test interval of paired per-round ratios when both sides were measured in interleaved
+rounds (the gate), or an independent bootstrap of the two sample sets otherwise (two separate runs).
 """
 
 from __future__ import annotations
@@ -65,60 +65,33 @@ def _bootstrap_ratio(base: np.ndarray, new: np.ndarray, rng: np.random.Generator
     return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
 
-# Student t quantiles for a two-sided 95% interval, by degrees of freedom (1 ... 30).
-_T975 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
-
-
-def t_quantile(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.960 + 2.4 / df
+def _sign_test_rank(n: int, confidence: float = CONFIDENCE) -> int:
+    """The k for which [x(k), x(n+1-k)] of n sorted values covers their median with `confidence`."""
+    best = 1
+    for k in range(1, n // 2 + 1):
+        tail = sum(math.comb(n, i) for i in range(k)) / 2**n
+        if 1 - 2 * tail >= confidence:
+            best = k
+    return best
 
 
 def _paired_ratio(base: np.ndarray, new: np.ndarray) -> tuple[float, float, float]:
-    """Ratio and 95% t-interval from per-round medians measured back to back: drift cancels in each
-    pair, and the t-interval stays honest with the handful of rounds a gate can afford (a bootstrap
-    of 7 pairs is too narrow and raises false alarms)."""
-    logs = np.log(new / base)
-    mean = float(logs.mean())
-    half = t_quantile(logs.size - 1) * float(logs.std(ddof=1)) / math.sqrt(logs.size)
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+    """Median per-round ratio and its distribution-free (sign-test) interval.
+
+    The rounds were measured back to back, so drift cancels within each pair; order statistics
+    make the interval robust to a round that something else on the machine disturbed, which a
+    t-interval on a handful of rounds is not (one outlier widens it enough to hide a 25% slow-down).
+    """
+    ratios = np.sort(new / base)
+    k = _sign_test_rank(ratios.size)
+    return float(np.median(ratios)), float(ratios[k - 1]), float(ratios[ratios.size - k])
 
 
 def ratio_with_interval(base: dict, new: dict, seed: int = 0) -> tuple[float, float, float]:
     rng = np.random.default_rng(seed)
     base_t, new_t = base.get("time_s") or {}, new.get("time_s") or {}
     base_rounds, new_rounds = base_t.get("round_medians"), new_t.get("round_medians")
-    if base_rounds and new_rounds and len(base_rounds) == len(new_rounds) and len(base_rounds) >= 3:
+    if base_rounds and new_rounds and len(base_rounds) == len(new_rounds) and len(base_rounds) >= 6:
         return _paired_ratio(np.asarray(base_rounds, float), np.asarray(new_rounds, float))
     base_s = np.asarray(base_t.get("samples") or [base_t["median"]], float)
     new_s = np.asarray(new_t.get("samples") or [new_t["median"]], float)
@@ -312,7 +285,7 @@ def gate(
     head_ref: str | None = None,
     *,
     threshold: float = 0.05,
-    rounds: int = 7,
+    rounds: int = 9,
     out_dir: str | None = None,
     repo: str = ".",
     progress=None,
@@ -333,8 +306,8 @@ def gate(
     from harness.runner import Worker, skip_reason, task_for
     from harness.suite import expand, load_suite
 
-    if rounds < 3:
-        raise InputError(f"--rounds must be at least 3 for a paired interval, got {rounds}")
+    if rounds < 6:
+        raise InputError(f"--rounds must be at least 6 for a 95% paired interval, got {rounds}")
     root = _git(repo, "rev-parse", "--show-toplevel")
     base_sha = _git(root, "rev-parse", "--verify", f"{base_ref}^{{commit}}")
     head_sha = _git(root, "rev-parse", "--verify", f"{head_ref}^{{commit}}") if head_ref else None

@@ -111,7 +111,10 @@ class Worker:
         if rss and self._baseline_rss and rss - self._baseline_rss > LEAK_LIMIT_BYTES:
             grown = (rss - self._baseline_rss) / 2**20
             self.stop()
-            note = f"the worker held {grown:.0f} MiB more after this case than when it started; worker replaced"
+            note = (
+                f"the worker held {grown:.0f} MiB more (malloc in use) after this case than when it started; "
+                "worker replaced"
+            )
             result = result | {"leak_note": note}
         return result
 

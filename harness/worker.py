@@ -6,6 +6,7 @@ exhausts memory takes only the worker down; the parent records what happened and
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import traceback
 from typing import Any
@@ -131,16 +132,37 @@ class CaseRunner:
         return result
 
 
-def settled_rss() -> int:
-    """Resident memory once garbage and free heap pages are handed back: what the process really holds."""
-    import gc
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
+
+def settled_rss() -> int:
+    """Bytes the process really holds in malloc'd memory (glibc's mallinfo2: in use + mmapped).
+
+    Unlike RSS this ignores freed pages that glibc keeps for reuse, and unlike trimming the heap to
+    read RSS it leaves the allocator's state alone, so the next measurement is not disturbed.
+    """
     from harness.memory import _libc, _status_bytes
 
-    gc.collect()
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    libc = _libc()  # no gc.collect(): tensors die by reference count, and a collection per round is slow
+    if libc is not None and hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
     try:
         return _status_bytes("VmRSS")
     except (OSError, RuntimeError):

@@ -78,13 +78,21 @@ def test_faster_is_reported_as_faster():
 
 
 def test_paired_round_medians_cancel_drift_shared_by_both_sides():
-    drift = np.linspace(1.0, 1.6, 7)  # the machine slowed down 60% during the gate
+    drift = np.linspace(1.0, 1.6, 9)  # the machine slowed down 60% during the gate
     base = record(drift, rounds=drift)
     new = record(drift * 1.25, rounds=drift * 1.25)
     c = compare_case(base, new)
     assert c.verdict == SLOWER and c.ratio == pytest.approx(1.25) and c.ci_low == pytest.approx(1.25)
     aa = compare_case(base, record(drift * 1.001, rounds=drift * 1.001))
     assert not aa.regression
+
+
+def test_one_disturbed_round_does_not_hide_a_slowdown():
+    base = np.ones(9)
+    new = np.full(9, 1.25)
+    new[4] = 0.6  # another process stole the CPU from base... or from head, in one round
+    c = compare_case(record(base, rounds=base), record(new, rounds=new))
+    assert c.verdict == SLOWER and c.ci_low == pytest.approx(1.25)
 
 
 def test_a_case_that_newly_fails_or_becomes_inaccurate_is_a_regression():

@@ -36,7 +36,7 @@ def tunable(q, k, v, *, causal=False, scale=None, mask=None):
     """SDPA, then a spin for SLOWDOWN (plus noise) times its own duration."""
     start = time.perf_counter()
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    if _state["calls"] % 4 == 0:
+    if _state["calls"] % 32 == 0:  # noise that lasts about a round: it does not average out
         _state["extra"] = ROUND_NOISE * random.random()
     _state["calls"] += 1
     spent = time.perf_counter() - start
@@ -80,7 +80,7 @@ def repo(tmp_path) -> Path:
 
 
 def _run(repo: Path, base: str, head: str, out: Path):
-    comparisons, _ = gate(str(repo / "suite.yaml"), base, head, repo=str(repo), out_dir=str(out), rounds=7)
+    comparisons, _ = gate(str(repo / "suite.yaml"), base, head, repo=str(repo), out_dir=str(out), rounds=9)
     assert len(comparisons) == 1
     return comparisons[0]
 

@@ -124,6 +124,15 @@ def write_report(run_dir: str | Path) -> Path:
     failures = [r for r in table if r["status"] in FAILED or (r["status"] == "ok" and r["accurate"] is False)]
     counts = frame["status"].value_counts().to_dict() if len(frame) else {}
     tasks = [r for r in records if r.get("task")]
+    profile_path = run_dir / "profile.json"
+    try:
+        profiles = (
+            [p for p in json.loads(profile_path.read_text()) if p.get("status") == "ok"]
+            if profile_path.exists()
+            else []
+        )
+    except (json.JSONDecodeError, AttributeError):
+        profiles = []
     html = _template().render(
         title=f"{env.get('suite', run_dir.name)} — attention harness report",
         run=run_dir.name,
@@ -138,6 +147,7 @@ def write_report(run_dir: str | Path) -> Path:
         columns=TABLE_COLUMNS,
         table=table,
         tasks=tasks,
+        profiles=profiles,
     )
     path = run_dir / "report.html"
     path.write_text(html, encoding="utf-8")
