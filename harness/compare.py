@@ -279,6 +279,18 @@ def _merge_rounds(first: dict, rounds: list[dict]) -> dict:
     return merged
 
 
+def _round_cpus(threads: int | None, round_index: int) -> list[int]:
+    """The cores both sides of round `round_index` run on: the same for A and B, rotating per round."""
+    import os
+
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not available:
+        return []
+    width = min(len(available), threads or len(available))
+    start = (round_index * width) % len(available)
+    return [available[(start + j) % len(available)] for j in range(width)]
+
+
 def gate(
     suite_path: str,
     base_ref: str,
@@ -363,10 +375,11 @@ def gate(
                     timed = "time" in suite.measure
                     for i in range(rounds if timed else 0):
                         order = ("base", "head") if i % 2 == 0 else ("head", "base")
+                        cpus = _round_cpus(case.params.threads, i)
                         for side in order:
                             if first[side].get("status") != "ok":
                                 continue  # a side that failed is not measured again
-                            round_task = task | {"measure": ["time"], "fresh_inputs": True}
+                            round_task = task | {"measure": ["time"], "fresh_inputs": True, "cpus": cpus}
                             per_round[side].append(workers[side].run(round_task, suite.limits.timeout_s, memory_limit))
                     outcomes = {side: _merge_rounds(first[side], per_round[side]) for side in workers}
                 for side, outcome in outcomes.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import os
 import traceback
 from typing import Any
 
@@ -94,6 +95,10 @@ class CaseRunner:
         ok, why = impl.available_for(params)
         if not ok:
             return {"status": "skipped", "reason": why}
+        if task.get("cpus") and hasattr(os, "sched_setaffinity"):
+            # The gate pins both sides of a round to the same cores: on a shared VM one core can be
+            # slower than another for minutes, and that must fall on both sides of a pair.
+            os.sched_setaffinity(0, task["cpus"])
         if task.get("fresh_inputs"):
             # New allocations, new addresses: a layout that happens to suit (or hurt) one process
             # must not persist through every round of an A/B comparison.
