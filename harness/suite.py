@@ -533,19 +533,21 @@ def expand(suite: Suite, only: Iterable[str] | None = None, names: dict[str, lis
     def known(variant: str) -> list[str]:
         return names.get(variant, []) if names is not None else registry.names(variant)
 
+    def chosen(variant: str) -> list[str]:
+        """The suite's implementations of `variant` that exist, narrowed by --only."""
+        names = (
+            known(variant)
+            if suite.implementations == "all"
+            else [n for n in suite.implementations if n in known(variant)]
+        )
+        return [n for n in names if not only or n in only]
+
     cases: dict[str, Case] = {}
     for sweep in suite.sweeps:
         for point in _points(sweep):
             for variant in suite.variants:
                 params = VARIANTS[variant].normalize(point)
-                chosen = (
-                    known(variant)
-                    if suite.implementations == "all"
-                    else [n for n in suite.implementations if n in known(variant)]
-                )
-                for name in chosen:
-                    if only and name not in only:
-                        continue
+                for name in chosen(variant):
                     case = Case(suite.name, variant, name, params)
                     rule = next((r for r in suite.exclude if r.matches(variant, name, params)), None)
                     if rule is not None:
@@ -555,14 +557,7 @@ def expand(suite: Suite, only: Iterable[str] | None = None, names: dict[str, lis
 
     for task in suite.tasks:
         variant = variant_of(task)
-        chosen = (
-            known(variant)
-            if suite.implementations == "all"
-            else [n for n in suite.implementations if n in known(variant)]
-        )
-        for name in chosen:
-            if only and name not in only:
-                continue
+        for name in chosen(variant):
             case = Case(suite.name, variant, name, Params(), task=task)
             cases.setdefault(case.case_id, case)
     return list(cases.values())
