@@ -36,7 +36,7 @@ def tunable(q, k, v, *, causal=False, scale=None, mask=None):
     """SDPA, then a spin for SLOWDOWN (plus noise) times its own duration."""
     start = time.perf_counter()
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    if _state["calls"] % 32 == 0:  # noise that lasts about a round: it does not average out
+    if _state["calls"] % 8 == 0:  # noise blocks shorter than a round, several per round
         _state["extra"] = ROUND_NOISE * random.random()
     _state["calls"] += 1
     spent = time.perf_counter() - start
