@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="git ref of the base (e.g. origin/main)")
     p.add_argument("--head", help="git ref of the head (default: the working tree)")
     _verdict_options(p)
-    p.add_argument("--rounds", type=int, default=9, help="interleaved A/B rounds per case (default 9, at least 6)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved A/B rounds per case (default 15, at least 6)")
     p.add_argument("--out", help="folder for base/ and head/ records (default results/gate-<suite>-<time>)")
     p.set_defaults(func=cmd_gate)
 

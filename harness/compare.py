@@ -297,7 +297,7 @@ def gate(
     head_ref: str | None = None,
     *,
     threshold: float = 0.05,
-    rounds: int = 9,
+    rounds: int = 15,
     out_dir: str | None = None,
     repo: str = ".",
     progress=None,
