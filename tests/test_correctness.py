@@ -105,14 +105,23 @@ def test_memory_efficient_across_many_ragged_tiles(small_tiles, variant, dtype):
     assert_accurate(variant, spec.make_inputs(params, dtype=dtype, seed=5), registry.get(variant, "memory_efficient"))
 
 
-def test_memory_efficient_rescales_when_a_later_key_tile_has_much_larger_scores(small_tiles):
+def test_memory_efficient_rescales_when_a_later_key_tile_has_much_larger_scores(small_tiles, monkeypatch):
     spec = VARIANTS["multi_head"]
     inputs = spec.make_inputs(Params(batch=1, heads=2, seq_len=40, head_dim=16), seed=6)
     q, k, v = inputs.args
     # Scores of the last keys are ~e^400 times larger than the first tile's: the lagged maximum would
-    # overflow float32 without the exact rescaling step.
+    # overflow float32 without the exact redo of the query tile.
     k[:, :, -10:] = q[:, :, :1] * 60
+    calls = []
+    query_tile = memory_efficient_module._query_tile
+
+    def spy(*args, exact):
+        calls.append(exact)
+        return query_tile(*args, exact=exact)
+
+    monkeypatch.setattr(memory_efficient_module, "_query_tile", spy)
     assert_accurate("multi_head", inputs, registry.get("multi_head", "memory_efficient"))
+    assert True in calls, "the overflow was not detected, so no query tile was redone exactly"
 
 
 def test_memory_efficient_rows_that_see_keys_only_late_are_exact(small_tiles):
