@@ -20,6 +20,7 @@ err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=Tr
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from harness import registry
@@ -51,10 +52,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if why not in reasons:
                     reasons.append(why)
                 row.append(f"[red]no ({reasons.index(why) + 1})[/red]")
-        table.add_row(name, *row, summaries.get(name, ""))
+        table.add_row(name, *row, escape(summaries.get(name, "")))
     console.print(table)
     for number, why in enumerate(reasons, 1):
-        console.print(f"({number}) {why}", highlight=False)
+        console.print(f"({number}) {escape(why)}", highlight=False)
     for plugin, why in registry.load_errors().items():
         err_console.print(f"[yellow]plugin {plugin!r} failed to load: {why}[/yellow]")
     return 0
