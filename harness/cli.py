@@ -73,7 +73,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_only(suite, args.only)
     if args.quick:
         suite = quick_version(suite)
-    result = run_suite(suite, args.out, resume=args.resume, only=args.only, progress=RunProgress(console))
+    from harness.executors import parse_options
+
+    result = run_suite(
+        suite,
+        args.out,
+        resume=args.resume,
+        only=args.only,
+        progress=RunProgress(console),
+        executor=args.executor,
+        workers=args.workers,
+        options=parse_options(args.executor_option),
+    )
     console.print(summary_table(result.records))
     report = _write_report(result.out_dir)
     console.print(f"results: {result.out_dir}/" + (f"  report: {report}" if report else ""), highlight=False)
@@ -160,6 +171,16 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 2, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -202,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these implementations")
     p.add_argument("--quick", action="store_true", help="few sizes, short timing")
     p.add_argument("--strict", action="store_true", help="exit 1 if any case failed or was inaccurate")
+    p.add_argument(
+        "--executor",
+        choices=("local", "submitit"),
+        default="local",
+        help="where cases run: here, one at a time (default), or spread over submitit jobs (SLURM or local)",
+    )
+    p.add_argument("--workers", type=_positive, default=2, help="submitit jobs to spread the cases over (default 2)")
+    p.add_argument(
+        "--executor-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a submitit parameter, e.g. cluster=local, slurm_partition=gpu, timeout_min=120 (repeatable)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("report", help="(re)write plots and the HTML report of a run folder")

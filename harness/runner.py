@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,6 +246,33 @@ def records_of(suite: str, case: Case, outcome: dict) -> list[dict]:
     ]
 
 
+def measure_cases(
+    suite: Suite,
+    cases: list[Case],
+    emit: Callable[[Case, list[dict]], None],
+    on_start: Callable[[Case], None] | None = None,
+) -> None:
+    """Measure `cases` one after another in a worker process, handing each case's records to `emit`."""
+    memory_limit = int(suite.limits.memory_gib * 2**30) if suite.limits.memory_gib else None
+    worker = Worker()
+    interrupted = False
+    try:
+        for case in cases:
+            if on_start is not None:
+                on_start(case)
+            why = skip_reason(case)
+            if why:
+                outcome: dict = {"status": "skipped", "reason": why}
+            else:
+                outcome = worker.run(task_for(case, suite), suite.limits.timeout_s, memory_limit)
+            emit(case, records_of(suite.name, case, outcome))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        worker.stop(kill=interrupted)
+
+
 def run_suite(
     suite: Suite,
     out_dir: str | Path | None = None,
@@ -252,8 +280,15 @@ def run_suite(
     resume: str | Path | None = None,
     only: list[str] | None = None,
     progress: Any = None,
+    executor: str = "local",
+    workers: int = 2,
+    options: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Run every case of `suite` not already recorded in the run folder; see module docstring."""
+    """Run every case of `suite` not already recorded in the run folder; see module docstring.
+
+    `executor` "local" measures here, one case at a time; "submitit" spreads shape groups over
+    `workers` jobs (SLURM, or submitit's local executor) and merges their records here as they land.
+    """
     if resume is not None:
         out = Path(resume)
         if not (out / JSONL).exists():
@@ -263,6 +298,9 @@ def run_suite(
     cases = expand(suite, only)
     result = RunResult(out)
     with RunFolder(out) as folder:
+        from harness.executors import merge_shards
+
+        merge_shards(out, folder)  # records a distributed run's jobs wrote after its parent stopped
         done = {r.get("task_case") or r["case_id"]: r for r in read_records(out)} if (out / JSONL).exists() else {}
         if resume is None or not (out / "env.json").exists():
             env = environment() | {
@@ -274,28 +312,26 @@ def run_suite(
         folder.write_json("suite.json", suite.model_dump(mode="json"))
         result.records.extend(read_records(out) if done else [])
         todo = [c for c in cases if c.case_id not in done]
-        memory_limit = int(suite.limits.memory_gib * 2**30) if suite.limits.memory_gib else None
-        worker = Worker()
         if progress is not None:
             progress.start(len(todo), already=len(done))
+
+        def emit(case: Case, records: list[dict]) -> None:
+            for record in records:
+                folder.append(record)
+                result.records.append(record)
+            if progress is not None and records:
+                progress.case_finished(case, records[-1])
+
         try:
-            for case in todo:
-                if progress is not None:
-                    progress.case_started(case)
-                why = skip_reason(case)
-                if why:
-                    outcome: dict = {"status": "skipped", "reason": why}
-                else:
-                    outcome = worker.run(task_for(case, suite), suite.limits.timeout_s, memory_limit)
-                for record in records_of(suite.name, case, outcome):
-                    folder.append(record)
-                    result.records.append(record)
-                if progress is not None:
-                    progress.case_finished(case, record)
+            if executor == "local":
+                measure_cases(suite, todo, emit, on_start=progress.case_started if progress is not None else None)
+            else:
+                from harness.executors import run_distributed
+
+                run_distributed(suite, todo, out, emit, executor=executor, workers=workers, options=options)
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
-            worker.stop(kill=result.interrupted)
             if progress is not None:
                 progress.stop()
         write_csv(result.records, out / "results.csv")

@@ -1,0 +1,265 @@
+"""Spreading a sweep over GPUs and nodes with submitit (SLURM, or its local executor), not a scheduler of our own.
+
+The parent splits the cases into shards of whole shape groups (every implementation of one shape in
+one job, so that they share the float64 reference and are measured side by side on one device) and
+balances the shards by FLOPs. Each shard is one job: it measures its cases one at a time in the
+harness's own worker processes (so a crash, hang or OOM is still a record) and appends each record
+to its own shard file as the case ends. The parent copies those records into the run's
+results.jsonl as they land; records a job wrote after the parent stopped are merged by `--resume`.
+
+One case per device at a time: a SLURM job asks for one GPU (gpus_per_node=1 by default when the
+suite runs on CUDA) and runs its cases sequentially; submitit's local executor gets one GPU per job
+(visible_gpus), or on a CPU machine a disjoint set of cores per job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import InputError
+from harness.results import RunFolder, _clean
+from harness.suite import Case, Suite
+
+EXECUTORS = ("local", "submitit")
+CLUSTERS = ("local", "slurm")
+SHARDS = "shards"
+POLL_S = 0.5
+
+
+def _key(record: dict) -> str:
+    return record.get("task_case") or record["case_id"]
+
+
+def shard_cases(cases: list[Case], workers: int) -> list[list[Case]]:
+    """At most `workers` shards of whole shape groups, balanced by FLOPs (longest group first)."""
+    from harness.variants import get_variant
+
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        key = (case.task, case.variant, case.params) if not case.task else (case.task, case.implementation)
+        groups.setdefault(key, []).append(case)
+
+    def cost(group: list[Case]) -> float:
+        case = group[0]
+        if case.task:
+            return 1e12  # a task trains a small model: seconds, like a large kernel sweep point
+        return get_variant(case.variant).flops(case.params) * len(group)
+
+    shards: list[list[Case]] = [[] for _ in range(max(1, min(workers, len(groups))))]
+    loads = [0.0] * len(shards)
+    for group in sorted(groups.values(), key=cost, reverse=True):
+        lightest = loads.index(min(loads))
+        shards[lightest].extend(group)
+        loads[lightest] += cost(group)
+    return [s for s in shards if s]
+
+
+def run_shard(suite: Suite, cases: list[Case], shard_file: str, cpus: list[int] | None = None) -> int:
+    """A job's body: measure `cases` and append each record to `shard_file` as it is made."""
+    from harness.runner import measure_cases
+
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)  # the job's worker processes inherit it
+    written = 0
+    with open(shard_file, "a", encoding="utf-8") as f:
+
+        def emit(case: Case, records: list[dict]) -> None:
+            nonlocal written
+            # One write per case, so that the parent never reads half of a task's metric records.
+            f.write("".join(json.dumps(_clean(record), allow_nan=False) + "\n" for record in records))
+            f.flush()
+            os.fsync(f.fileno())
+            written += 1
+
+        measure_cases(suite, cases, emit)
+    return written
+
+
+class _Tail:
+    """Complete lines appended to a shard file since the last read (a line being written waits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def records(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        found = []
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "case_id" in record:
+                found.append(record)
+        return found
+
+
+def _by_case(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(_key(record), []).append(record)
+    return groups
+
+
+def merge_shards(out: Path, folder: RunFolder) -> int:
+    """Copy into results.jsonl the cases that shard files hold and it lacks (jobs that outlived their parent)."""
+    shard_dir = Path(out) / SHARDS
+    if not shard_dir.is_dir():
+        return 0
+    from harness.results import JSONL, read_records
+
+    have = {_key(r) for r in read_records(out)} if (Path(out) / JSONL).exists() else set()
+    fresh: dict[str, list[dict]] = {}
+    for path in sorted(shard_dir.glob("*.jsonl")):  # named by start time: a later attempt wins
+        fresh.update({k: v for k, v in _by_case(_Tail(path).records()).items() if k not in have})
+    for records in fresh.values():
+        for record in records:
+            folder.append(record)
+    return len(fresh)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`--executor-option KEY=VALUE` pairs; values are read as YAML (numbers, lists, strings)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--executor-option {pair!r}: expected KEY=VALUE, e.g. slurm_partition=gpu")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
+def _uses_cuda(cases: list[Case]) -> bool:
+    return any(c.params.device.startswith("cuda") for c in cases if not c.task)
+
+
+def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: list[list[Case]], suite: Suite):
+    try:
+        import submitit
+    except ImportError:
+        raise InputError("--executor submitit needs the submitit package: pip install -e '.[cluster]'") from None
+    options = dict(options)
+    cluster = options.pop("cluster", None)
+    if cluster is not None and cluster not in CLUSTERS:
+        raise InputError(f"--executor-option cluster={cluster!r}: allowed values are {', '.join(CLUSTERS)}")
+    try:
+        executor = submitit.AutoExecutor(folder=out / "submitit", cluster=cluster)
+    except RuntimeError as exc:
+        raise InputError(f"--executor submitit: {exc}") from None
+    longest = max(len(s) for s in shards)
+    defaults: dict[str, Any] = {
+        # Every case may use its whole timeout; submitit's local default (2 minutes) would kill the job.
+        "timeout_min": math.ceil(longest * suite.limits.timeout_s / 60) + 10,
+        "name": f"harness-{suite.name}",
+    }
+    if _uses_cuda(cases):
+        defaults["gpus_per_node"] = 1
+    try:
+        executor.update_parameters(**(defaults | options))
+    except Exception as exc:  # submitit names the unknown parameter and lists the valid ones
+        raise InputError(f"--executor-option: {exc}") from None
+    return executor
+
+
+def run_distributed(
+    suite: Suite,
+    cases: list[Case],
+    out: Path,
+    emit: Callable[[Case, list[dict]], None],
+    *,
+    executor: str,
+    workers: int,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Measure `cases` in `workers` submitit jobs; hand each record to `emit` as its job writes it."""
+    if executor not in EXECUTORS:
+        raise InputError(f"--executor {executor!r}: allowed values are {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    if not cases:
+        return
+    shards = shard_cases(cases, workers)
+    engine = _executor(out, options or {}, cases, shards, suite)
+    local = engine.cluster == "local"
+    shard_dir = out / SHARDS
+    shard_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per_job = max(1, len(cores) // len(shards)) if cores else 0
+    gpus = _local_gpu_count() if local and _uses_cuda(cases) else 0
+
+    by_id = {c.case_id: c for c in cases}
+    jobs = []
+    for index, shard in enumerate(shards):
+        cpus = None
+        if local and gpus:
+            engine.update_parameters(local_visible_gpus=(index % gpus,), gpus_per_node=1)
+        elif local and cores:
+            cpus = [cores[(index * per_job + i) % len(cores)] for i in range(per_job)]
+        path = shard_dir / f"{stamp}-{index:03d}.jsonl"
+        job = engine.submit(run_shard, suite, shard, str(path), cpus)
+        jobs.append((job, _Tail(path), {c.case_id for c in shard}))
+
+    def collect(tail: _Tail, left: set[str]) -> None:
+        for case_id, records in _by_case(tail.records()).items():
+            if case_id in left:
+                left.discard(case_id)
+                emit(by_id[case_id], records)
+
+    pending = list(jobs)
+    try:
+        while pending:
+            for item in list(pending):
+                job, tail, left = item
+                finished = job.done()
+                collect(tail, left)  # after done(): a finished job's last records are on disk
+                if finished:
+                    pending.remove(item)
+                    _record_lost_cases(suite, job, sorted(left), by_id, emit)
+            if pending:
+                time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        for job, _, _ in pending:
+            job.cancel(check=False)
+        raise
+
+
+def _record_lost_cases(suite: Suite, job: Any, lost: list[str], by_id: dict[str, Case], emit: Callable) -> None:
+    """Cases a finished job never recorded (it failed, was cancelled or timed out) become crash records."""
+    if not lost:
+        return
+    from harness.runner import records_of
+
+    try:
+        job.result()
+        why = "the job ended without measuring it"
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+    reason = f"submitit job {job.job_id} ended before this case: {why}"
+    for case_id in lost:
+        emit(by_id[case_id], records_of(suite.name, by_id[case_id], {"status": "crash", "reason": reason}))
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
