@@ -13,6 +13,7 @@ scaled_dot_product_attention; memory_efficient graph-breaks at its per-query-til
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 from collections.abc import Callable
 
@@ -50,6 +51,9 @@ def compiler_available(device: str | None = None, **_: object) -> tuple[bool, st
 
 
 def _raise_recompile_limit() -> None:
+    # Graph-break warnings (memory_efficient's .item() check) would flood the run's console once per
+    # shape; what they say is in this module's docstring.
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     config = torch._dynamo.config
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, key):
