@@ -172,6 +172,9 @@ def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: lis
     }
     if _uses_cuda(cases):
         defaults["gpus_per_node"] = 1
+    threads = max((c.params.threads or 1 for c in cases if not c.task), default=1)
+    if cluster != "local" and executor.cluster != "local":
+        defaults["cpus_per_task"] = threads  # the cores the cases ask for, no fewer
     try:
         executor.update_parameters(**(defaults | options))
     except Exception as exc:  # submitit names the unknown parameter and lists the valid ones

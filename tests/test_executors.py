@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,6 +107,23 @@ def test_bad_executor_options_exit_2_with_a_message(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_slurm_job_asks_for_one_gpu_the_cores_and_the_time_its_cases_need(tmp_path, monkeypatch):
+    from harness.executors import _executor
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for srun before it builds jobs
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    text = suite_text(["naive", "sdpa"], seq_len="[32, 64]").replace("threads: [1]}", "threads: [4], device: [cuda]}")
+    suite = parse_suite(yaml.safe_load(text + "limits: {timeout_s: 600}\n"), "t.yaml")
+    cases = expand(suite)
+    engine = _executor(tmp_path, {"cluster": "slurm", "slurm_partition": "gpu"}, cases, shard_cases(cases, 2), suite)
+    script = engine._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("--gpus-per-node=1", "--cpus-per-task=4", "--partition=gpu", "--time=30", "--job-name=harness-t"):
+        assert f"#SBATCH {line}\n" in script, line
 
 
 def test_option_values_are_read_as_yaml():

@@ -34,6 +34,11 @@ _FIXED = [
     "memory_efficient",
     "chunked",
     "fused",
+    "flex",
+    "compiled.naive",
+    "compiled.memory_efficient",
+    "xformers",
+    "flash_attn",
 ]
 
 
