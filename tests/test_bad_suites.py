@@ -154,3 +154,30 @@ def test_random_sweeps_on_a_valid_suite_are_accepted_or_one_clear_error(sweep):
         parse_text(yaml.safe_dump(data), "sweep.yaml")
     except InputError as exc:
         assert "sweep.yaml" in str(exc)
+
+
+SHIPPED = sorted((ROOT / "suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_suite_loads_and_expands(path):
+    from harness.suite import expand, quick_version
+
+    suite = load_suite(path)
+    assert expand(suite) and expand(quick_version(suite))
+
+
+def test_the_cuda_suite_is_skipped_with_its_reason_on_a_machine_without_cuda():
+    import torch
+
+    from harness.runner import skip_reason
+    from harness.suite import expand
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the cases would run")
+    cases = expand(load_suite(ROOT / "suites" / "self_attn_cuda.yaml"))
+    assert {c.params.device for c in cases} == {"cuda"}
+    assert {c.params.dtype for c in cases} == {"float16", "bfloat16"}
+    assert {skip_reason(c) or "runs" for c in cases} <= {"no CUDA device on this machine"} | {
+        c.skip_reason for c in cases if c.skip_reason
+    }
