@@ -35,6 +35,7 @@ TABLE_COLUMNS = [
     "time_n",
     "tflops",
     "tokens_per_s",
+    "first_call_s",
     "peak_memory_bytes",
     "max_abs_err",
     "tolerance",
@@ -80,6 +81,9 @@ def best_per_shape(frame: pd.DataFrame) -> list[dict]:
                 "best": best["implementation"],
                 "time_ms": best["time_median"] * 1e3,
                 "tflops": best.get("tflops"),
+                # Compilation and lazy set-up are paid once per shape: beside a kernel that wins by
+                # a few percent, seconds of compiling can matter more.
+                "first_call_s": best.get("first_call_s"),
                 "runner_up": second["implementation"] if second is not None else "",
                 "margin": second["time_median"] / best["time_median"] if second is not None else None,
                 "leanest": leanest["implementation"] if leanest is not None else "",
