@@ -225,16 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if any case failed or was inaccurate")
     p.add_argument(
         "--executor",
-        choices=("local", "submitit"),
+        choices=("local", "submitit", "ray"),
         default="local",
-        help="where cases run: here, one at a time (default), or spread over submitit jobs (SLURM or local)",
+        help="where cases run: here, one at a time (default), or spread over submitit jobs (SLURM or local) "
+        "or Ray tasks (a local Ray instance, or --executor-option address=auto)",
     )
     p.add_argument("--workers", type=_positive, default=2, help="submitit jobs to spread the cases over (default 2)")
     p.add_argument(
         "--executor-option",
         action="append",
         metavar="KEY=VALUE",
-        help="a submitit parameter, e.g. cluster=local, slurm_partition=gpu, timeout_min=120 (repeatable)",
+        help="a submitit parameter (cluster=local, slurm_partition=gpu, timeout_min=120) or a Ray one "
+        "(address, num_cpus, num_gpus); repeatable",
     )
     p.set_defaults(func=cmd_run)
 

@@ -14,6 +14,7 @@ suite runs on CUDA) and runs its cases sequentially; submitit's local executor g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from harness.errors import InputError
 from harness.results import RunFolder, _clean
 from harness.suite import Case, Suite
 
-EXECUTORS = ("local", "submitit")
+EXECUTORS = ("local", "submitit", "ray")
 CLUSTERS = ("local", "slurm")
 SHARDS = "shards"
 POLL_S = 0.5
@@ -60,25 +61,39 @@ def shard_cases(cases: list[Case], workers: int) -> list[list[Case]]:
     return [s for s in shards if s]
 
 
-def run_shard(suite: Suite, cases: list[Case], shard_file: str, cpus: list[int] | None = None) -> int:
-    """A job's body: measure `cases` and append each record to `shard_file` as it is made."""
+def run_shard(
+    suite: Suite,
+    cases: list[Case],
+    shard_file: str | None = None,
+    cpus: list[int] | None = None,
+    sink: Any = None,
+) -> list[list[dict]]:
+    """A job's body: measure `cases`, handing each case's records on as soon as the case ends.
+
+    They go to `shard_file` (submitit: the run folder is on a shared filesystem) and/or `sink` (Ray:
+    a queue actor, for nodes that share no filesystem); all of them are also returned.
+    """
     from harness.runner import measure_cases
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)  # the job's worker processes inherit it
-    written = 0
-    with open(shard_file, "a", encoding="utf-8") as f:
+    made: list[list[dict]] = []
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(shard_file, "a", encoding="utf-8")) if shard_file else None
 
         def emit(case: Case, records: list[dict]) -> None:
-            nonlocal written
-            # One write per case, so that the parent never reads half of a task's metric records.
-            f.write("".join(json.dumps(_clean(record), allow_nan=False) + "\n" for record in records))
-            f.flush()
-            os.fsync(f.fileno())
-            written += 1
+            records = [_clean(record) for record in records]
+            made.append(records)
+            if f is not None:
+                # One write per case, so that the parent never reads half of a task's metric records.
+                f.write("".join(json.dumps(record, allow_nan=False) + "\n" for record in records))
+                f.flush()
+                os.fsync(f.fileno())
+            if sink is not None:
+                sink.put(records)
 
         measure_cases(suite, cases, emit)
-    return written
+    return made
 
 
 class _Tail:
@@ -192,15 +207,53 @@ def run_distributed(
     workers: int,
     options: dict[str, Any] | None = None,
 ) -> None:
-    """Measure `cases` in `workers` submitit jobs; hand each record to `emit` as its job writes it."""
-    if executor not in EXECUTORS:
+    """Measure `cases` in `workers` submitit jobs or Ray tasks; hand each case's records to `emit` as they land."""
+    if executor not in EXECUTORS or executor == "local":
         raise InputError(f"--executor {executor!r}: allowed values are {', '.join(EXECUTORS)}")
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     if not cases:
         return
     shards = shard_cases(cases, workers)
-    engine = _executor(out, options or {}, cases, shards, suite)
+    ledger = _Ledger(suite, cases, emit)
+    if executor == "ray":
+        _run_ray(suite, shards, options or {}, ledger)
+    else:
+        _run_submitit(suite, shards, out, options or {}, ledger)
+
+
+class _Ledger:
+    """Which cases are still owed a record; hands each case's records to the run exactly once."""
+
+    def __init__(self, suite: Suite, cases: list[Case], emit: Callable[[Case, list[dict]], None]) -> None:
+        self.suite, self.emit = suite, emit
+        self.by_id = {c.case_id: c for c in cases}
+        self.left = set(self.by_id)
+
+    def record(self, records: list[dict]) -> None:
+        for case_id, group in _by_case(records).items():
+            if case_id in self.left:
+                self.left.discard(case_id)
+                self.emit(self.by_id[case_id], group)
+
+    def lost(self, case_ids: set[str], reason: str) -> None:
+        """Cases a finished job never recorded (it failed, was cancelled or timed out) become crash records."""
+        from harness.runner import records_of
+
+        for case_id in sorted(case_ids & self.left):
+            case = self.by_id[case_id]
+            self.left.discard(case_id)
+            self.emit(case, records_of(self.suite.name, case, {"status": "crash", "reason": reason}))
+
+
+def _failure(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def _run_submitit(suite: Suite, shards: list[list[Case]], out: Path, options: dict[str, Any], ledger: _Ledger) -> None:
+    cases = [c for shard in shards for c in shard]
+    engine = _executor(out, options, cases, shards, suite)
     local = engine.cluster == "local"
     shard_dir = out / SHARDS
     shard_dir.mkdir(exist_ok=True)
@@ -209,8 +262,7 @@ def run_distributed(
     per_job = max(1, len(cores) // len(shards)) if cores else 0
     gpus = _local_gpu_count() if local and _uses_cuda(cases) else 0
 
-    by_id = {c.case_id: c for c in cases}
-    jobs = []
+    pending = []
     for index, shard in enumerate(shards):
         cpus = None
         if local and gpus:
@@ -219,24 +271,23 @@ def run_distributed(
             cpus = [cores[(index * per_job + i) % len(cores)] for i in range(per_job)]
         path = shard_dir / f"{stamp}-{index:03d}.jsonl"
         job = engine.submit(run_shard, suite, shard, str(path), cpus)
-        jobs.append((job, _Tail(path), {c.case_id for c in shard}))
-
-    def collect(tail: _Tail, left: set[str]) -> None:
-        for case_id, records in _by_case(tail.records()).items():
-            if case_id in left:
-                left.discard(case_id)
-                emit(by_id[case_id], records)
-
-    pending = list(jobs)
+        pending.append((job, _Tail(path), {c.case_id for c in shard}))
     try:
         while pending:
             for item in list(pending):
-                job, tail, left = item
+                job, tail, owed = item
                 finished = job.done()
-                collect(tail, left)  # after done(): a finished job's last records are on disk
-                if finished:
-                    pending.remove(item)
-                    _record_lost_cases(suite, job, sorted(left), by_id, emit)
+                ledger.record(tail.records())  # after done(): a finished job's last records are on disk
+                if not finished:
+                    continue
+                pending.remove(item)
+                if owed & ledger.left:
+                    try:
+                        job.result()
+                        why = "the job ended without measuring it"
+                    except Exception as exc:
+                        why = _failure(exc)
+                    ledger.lost(owed, f"submitit job {job.job_id} ended before this case: {why}")
             if pending:
                 time.sleep(POLL_S)
     except KeyboardInterrupt:
@@ -245,21 +296,78 @@ def run_distributed(
         raise
 
 
-def _record_lost_cases(suite: Suite, job: Any, lost: list[str], by_id: dict[str, Case], emit: Callable) -> None:
-    """Cases a finished job never recorded (it failed, was cancelled or timed out) become crash records."""
-    if not lost:
-        return
-    from harness.runner import records_of
+RAY_OPTIONS = ("address", "num_cpus", "num_gpus")
 
+
+def _run_ray(suite: Suite, shards: list[list[Case]], options: dict[str, Any], ledger: _Ledger) -> None:
+    """One Ray task per shard, each holding one GPU (CUDA suites) and the CPUs its cases' threads need.
+
+    Ray will not start a task before its resources are free, so tasks never share a GPU, and on a
+    CPU-only machine never more of them run than the cores hold. Records stream back through a
+    queue actor, so worker nodes need no filesystem shared with this one.
+    """
     try:
-        job.result()
-        why = "the job ended without measuring it"
-    except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
-    reason = f"submitit job {job.job_id} ended before this case: {why}"
-    for case_id in lost:
-        emit(by_id[case_id], records_of(suite.name, by_id[case_id], {"status": "crash", "reason": reason}))
+        import ray
+        from ray.util.queue import Empty, Queue
+    except ImportError:
+        raise InputError("--executor ray needs the ray package: pip install -e '.[cluster]'") from None
+    unknown = sorted(set(options) - set(RAY_OPTIONS))
+    if unknown:
+        raise InputError(f"--executor-option {', '.join(unknown)}: ray takes {', '.join(RAY_OPTIONS)}")
+    cases = [c for shard in shards for c in shard]
+    threads = max((c.params.threads or 1 for c in cases if not c.task), default=1)
+    num_cpus = options.get("num_cpus", threads)
+    num_gpus = options.get("num_gpus", 1 if _uses_cuda(cases) else 0)
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: os.environ[k] for k in ("HARNESS_PLUGINS", "PYTHONPATH") if k in os.environ}
+        try:
+            ray.init(
+                address=options.get("address"),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env} if env else None,
+            )
+        except Exception as exc:
+            raise InputError(f"--executor ray: cannot start or reach a Ray cluster: {_failure(exc)}") from None
+    try:
+        have = ray.cluster_resources()
+        for name, want in (("CPU", num_cpus), ("GPU", num_gpus)):
+            if want and have.get(name, 0) < want:
+                raise InputError(
+                    f"--executor ray: each task needs {want} {name}(s) (num_{name.lower()}s), the Ray cluster "
+                    f"has {have.get(name, 0):g}; pass --executor-option num_{name.lower()}s=N"
+                )
+        queue = Queue()
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_shard)
+        pending = {task.remote(suite, shard, None, None, queue): {c.case_id for c in shard} for shard in shards}
+
+        def drain() -> None:
+            while True:
+                try:
+                    ledger.record(queue.get_nowait())
+                except Empty:
+                    return
+
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+                drain()
+                for ref in done:
+                    owed = pending.pop(ref)
+                    try:
+                        for records in ray.get(ref):  # anything the queue did not deliver
+                            ledger.record(records)
+                    except Exception as exc:
+                        ledger.lost(owed, f"Ray task ended before this case: {_failure(exc)}")
+                    ledger.lost(owed, "the Ray task ended without measuring it")
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _local_gpu_count() -> int:

@@ -54,6 +54,20 @@ def test_submitit_local_run_equals_a_local_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_ray_run_equals_a_local_run(tmp_path):
+    pytest.importorskip("ray")
+    suite = _suite(["naive", "sdpa", "memory_efficient", "chunked"])
+    local = run_suite(suite, tmp_path / "local")
+    spread = run_suite(suite, tmp_path / "spread", executor="ray", workers=2)
+    a = {r["case_id"]: r for r in local.records}
+    b = {r["case_id"]: r for r in read_records(tmp_path / "spread")}
+    assert len(a) == 12 and a.keys() == b.keys()
+    for case_id in a:
+        assert {k: a[case_id].get(k) for k in SAME} == {k: b[case_id].get(k) for k in SAME}, case_id
+    assert len(spread.records) == 12
+
+
+@pytest.mark.slow
 def test_a_job_that_dies_leaves_crash_records_and_the_run_goes_on(tmp_path):
     # The job's shell exits before python starts: as if the node died or SLURM cancelled the job.
     suite = _suite(["naive", "sdpa"], seq_len="[32, 48]")
@@ -91,14 +105,16 @@ def test_resume_merges_records_that_jobs_wrote_after_the_parent_stopped(tmp_path
         (["--executor-option", "cluster=mars"], "allowed values are local, slurm"),
         (["--executor-option", "cluster=local", "--executor-option", "no_such_parameter=1"], "no_such_parameter"),
         (["--workers", "0"], "at least 1"),
+        (["--executor", "ray", "--executor-option", "partition=gpu"], "ray takes address, num_cpus, num_gpus"),
+        (["--executor", "ray", "--executor-option", "num_gpus=1"], "the Ray cluster has 0"),
     ],
 )
 def test_bad_executor_options_exit_2_with_a_message(tmp_path, args, message):
     suite = tmp_path / "s.yaml"
     suite.write_text(suite_text(["naive"]))
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(suite), "--executor", "submitit", "--out", str(tmp_path / "r")]
-        + args,
+        [sys.executable, "-m", "harness", "run", str(suite), "--out", str(tmp_path / "r")]
+        + (args if "--executor" in args else ["--executor", "submitit", *args]),
         capture_output=True,
         text=True,
         cwd=ROOT,
