@@ -166,6 +166,10 @@ def _uses_cuda(cases: list[Case]) -> bool:
     return any(c.params.device.startswith("cuda") for c in cases if not c.task)
 
 
+def _threads(cases: list[Case]) -> int:
+    return max((c.params.threads or 1 for c in cases if not c.task), default=1)
+
+
 def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: list[list[Case]], suite: Suite):
     try:
         import submitit
@@ -187,9 +191,8 @@ def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: lis
     }
     if _uses_cuda(cases):
         defaults["gpus_per_node"] = 1
-    threads = max((c.params.threads or 1 for c in cases if not c.task), default=1)
-    if cluster != "local" and executor.cluster != "local":
-        defaults["cpus_per_task"] = threads  # the cores the cases ask for, no fewer
+    if executor.cluster != "local":
+        defaults["cpus_per_task"] = _threads(cases)  # the cores the cases ask for, no fewer
     try:
         executor.update_parameters(**(defaults | options))
     except Exception as exc:  # submitit names the unknown parameter and lists the valid ones
@@ -315,8 +318,7 @@ def _run_ray(suite: Suite, shards: list[list[Case]], options: dict[str, Any], le
     if unknown:
         raise InputError(f"--executor-option {', '.join(unknown)}: ray takes {', '.join(RAY_OPTIONS)}")
     cases = [c for shard in shards for c in shard]
-    threads = max((c.params.threads or 1 for c in cases if not c.task), default=1)
-    num_cpus = options.get("num_cpus", threads)
+    num_cpus = options.get("num_cpus", _threads(cases))
     num_gpus = options.get("num_gpus", 1 if _uses_cuda(cases) else 0)
     started_here = not ray.is_initialized()
     if started_here:
