@@ -63,18 +63,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.console import RunProgress, summary_table
+    from harness.executors import parse_options
     from harness.runner import run_suite
     from harness.suite import check_only, load_suite, quick_version
 
     if args.out and args.resume:
         raise InputError("--out and --resume exclude each other: --resume DIR writes into DIR")
+    if args.executor_option and args.executor == "local":
+        raise InputError("--executor-option applies to --executor submitit or ray, not to the local executor")
     suite = load_suite(args.suite)
     if args.only:
         check_only(suite, args.only)
     if args.quick:
         suite = quick_version(suite)
-    from harness.executors import parse_options
-
     result = run_suite(
         suite,
         args.out,

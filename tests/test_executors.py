@@ -105,6 +105,7 @@ def test_resume_merges_records_that_jobs_wrote_after_the_parent_stopped(tmp_path
         (["--executor-option", "cluster=mars"], "allowed values are local, slurm"),
         (["--executor-option", "cluster=local", "--executor-option", "no_such_parameter=1"], "no_such_parameter"),
         (["--workers", "0"], "at least 1"),
+        (["--executor", "local", "--executor-option", "cluster=local"], "not to the local executor"),
         (["--executor", "ray", "--executor-option", "partition=gpu"], "ray takes address, num_cpus, num_gpus"),
         (["--executor", "ray", "--executor-option", "num_gpus=1"], "the Ray cluster has 0"),
     ],
