@@ -1,15 +1,16 @@
-"""Spreading a sweep over GPUs and nodes with submitit (SLURM, or its local executor), not a scheduler of our own.
+"""Spreading a sweep over GPUs and nodes with submitit (SLURM, or its local executor) or Ray: no scheduler of ours.
 
 The parent splits the cases into shards of whole shape groups (every implementation of one shape in
 one job, so that they share the float64 reference and are measured side by side on one device) and
-balances the shards by FLOPs. Each shard is one job: it measures its cases one at a time in the
-harness's own worker processes (so a crash, hang or OOM is still a record) and appends each record
-to its own shard file as the case ends. The parent copies those records into the run's
-results.jsonl as they land; records a job wrote after the parent stopped are merged by `--resume`.
+balances the shards by FLOPs. Each shard is one submitit job or Ray task: it measures its cases one
+at a time in the harness's own worker processes (so a crash, hang or OOM is still a record) and
+hands each case's records on as the case ends — a submitit job through its own shard file, a Ray
+task through a queue actor. The parent copies them into the run's results.jsonl as they land;
+records a submitit job wrote after the parent stopped are merged by `--resume`.
 
 One case per device at a time: a SLURM job asks for one GPU (gpus_per_node=1 by default when the
 suite runs on CUDA) and runs its cases sequentially; submitit's local executor gets one GPU per job
-(visible_gpus), or on a CPU machine a disjoint set of cores per job.
+(visible_gpus), or on a CPU machine a disjoint set of cores per job; a Ray task holds num_gpus=1.
 """
 
 from __future__ import annotations
@@ -24,17 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
-from harness.results import RunFolder, _clean
+from harness.results import RunFolder, _clean, case_key, parse_records
 from harness.suite import Case, Suite
 
-EXECUTORS = ("local", "submitit", "ray")
+DISTRIBUTED = ("submitit", "ray")
 CLUSTERS = ("local", "slurm")
 SHARDS = "shards"
 POLL_S = 0.5
-
-
-def _key(record: dict) -> str:
-    return record.get("task_case") or record["case_id"]
 
 
 def shard_cases(cases: list[Case], workers: int) -> list[list[Case]]:
@@ -111,21 +108,13 @@ class _Tail:
             return []
         end = data.rfind(b"\n") + 1
         self.offset += end
-        found = []
-        for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "case_id" in record:
-                found.append(record)
-        return found
+        return parse_records(data[:end].splitlines())
 
 
 def _by_case(records: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for record in records:
-        groups.setdefault(_key(record), []).append(record)
+        groups.setdefault(case_key(record), []).append(record)
     return groups
 
 
@@ -136,7 +125,7 @@ def merge_shards(out: Path, folder: RunFolder) -> int:
         return 0
     from harness.results import JSONL, read_records
 
-    have = {_key(r) for r in read_records(out)} if (Path(out) / JSONL).exists() else set()
+    have = {case_key(r) for r in read_records(out)} if (Path(out) / JSONL).exists() else set()
     fresh: dict[str, list[dict]] = {}
     for path in sorted(shard_dir.glob("*.jsonl")):  # named by start time: a later attempt wins
         fresh.update({k: v for k, v in _by_case(_Tail(path).records()).items() if k not in have})
@@ -211,8 +200,8 @@ def run_distributed(
     options: dict[str, Any] | None = None,
 ) -> None:
     """Measure `cases` in `workers` submitit jobs or Ray tasks; hand each case's records to `emit` as they land."""
-    if executor not in EXECUTORS or executor == "local":
-        raise InputError(f"--executor {executor!r}: allowed values are {', '.join(EXECUTORS)}")
+    if executor not in DISTRIBUTED:
+        raise InputError(f"--executor {executor!r}: this function spreads cases with {' or '.join(DISTRIBUTED)}")
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     if not cases:

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,14 +137,10 @@ class RunFolder:
         self.close()
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records of a run folder (or a .jsonl file); a torn or corrupt line is dropped, not fatal."""
-    path = Path(path)
-    file = path / JSONL if path.is_dir() else path
-    if not file.exists():
-        raise InputError(f"{path}: no {JSONL} here; is this a run folder?")
+def parse_records(lines: Iterable[str | bytes]) -> list[dict]:
+    """The records among JSONL lines; a torn or corrupt line is dropped, not fatal."""
     records = []
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -153,6 +150,20 @@ def read_records(path: str | Path) -> list[dict]:
         if isinstance(record, dict) and "case_id" in record:
             records.append(record)
     return records
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a run folder (or a .jsonl file); a torn or corrupt line is dropped, not fatal."""
+    path = Path(path)
+    file = path / JSONL if path.is_dir() else path
+    if not file.exists():
+        raise InputError(f"{path}: no {JSONL} here; is this a run folder?")
+    return parse_records(file.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def case_key(record: dict) -> str:
+    """The case a record belongs to: a task case writes one record per metric under one key."""
+    return record.get("task_case") or record["case_id"]
 
 
 def latest_records(records: list[dict]) -> list[dict]:

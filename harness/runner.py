@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
-from harness.results import JSONL, RunFolder, environment, new_record, read_records, write_csv
+from harness.results import JSONL, RunFolder, case_key, environment, new_record, read_records, write_csv
 from harness.suite import Case, Suite, expand
 
 POLL_S = 0.05
@@ -286,8 +286,8 @@ def run_suite(
 ) -> RunResult:
     """Run every case of `suite` not already recorded in the run folder; see module docstring.
 
-    `executor` "local" measures here, one case at a time; "submitit" spreads shape groups over
-    `workers` jobs (SLURM, or submitit's local executor) and merges their records here as they land.
+    `executor` "local" measures here, one case at a time; "submitit" and "ray" spread shape groups
+    over `workers` jobs or tasks (harness.executors) and merge their records here as they land.
     """
     if resume is not None:
         out = Path(resume)
@@ -301,7 +301,7 @@ def run_suite(
         from harness.executors import merge_shards
 
         merge_shards(out, folder)  # records a distributed run's jobs wrote after its parent stopped
-        done = {r.get("task_case") or r["case_id"]: r for r in read_records(out)} if (out / JSONL).exists() else {}
+        done = {case_key(r): r for r in read_records(out)} if (out / JSONL).exists() else {}
         if resume is None or not (out / "env.json").exists():
             env = environment() | {
                 "suite": suite.name,

@@ -61,7 +61,8 @@ def _raise_recompile_limit() -> None:
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
+def compile_static(fn: Callable) -> Callable:
+    """`fn` under torch.compile with static shapes, compiled once per function (flex uses it too)."""
     _raise_recompile_limit()
     return torch.compile(fn, dynamic=False)
 
@@ -77,7 +78,7 @@ def _make(name: str, eager: Callable) -> None:
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_qkv(q, k, v, mask)  # outside the compiled region: bad input fails the same way as eager
-        return _compiled(eager)(q, k, v, causal=causal, scale=scale, mask=mask)
+        return compile_static(eager)(q, k, v, causal=causal, scale=scale, mask=mask)
 
     compiled.__name__ = compiled.__qualname__ = name.replace(".", "_")
     register(

@@ -8,16 +8,14 @@ steps; building it and compiling both happen in the first call, which the worker
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 
 from harness.checks import check_qkv
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.compiled import _raise_recompile_limit, compiler_available
+from implementations.compiled import compile_static, compiler_available
 
 try:
     from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
@@ -35,12 +33,6 @@ def flex_available(device: str | None = None, **case: object) -> tuple[bool, str
     if flex_attention is None:
         return False, _IMPORT_ERROR
     return compiler_available(device=device, **case)
-
-
-@functools.cache
-def _compiled_flex() -> Callable:
-    _raise_recompile_limit()
-    return torch.compile(flex_attention, dynamic=False)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -98,4 +90,4 @@ def flex(
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx, kv_idx]
 
-    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return compile_static(flex_attention)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
