@@ -121,7 +121,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verdicts(comparisons, threshold: float, markdown_file: str | None) -> int:
+def _verdicts(comparisons, threshold: float, markdown_file: str | None, notes: list[str] | None = None) -> int:
     from harness.compare import markdown, table
 
     console.print(table(comparisons))
@@ -129,7 +129,7 @@ def _verdicts(comparisons, threshold: float, markdown_file: str | None) -> int:
     if markdown_file:
         from pathlib import Path
 
-        Path(markdown_file).write_text(markdown(comparisons, threshold))
+        Path(markdown_file).write_text(markdown(comparisons, threshold, environment=notes))
     if regressions:
         err_console.print(f"[red]{len(regressions)} regression(s)[/red] (threshold {threshold:.0%})", highlight=False)
         return 1
@@ -138,16 +138,23 @@ def _verdicts(comparisons, threshold: float, markdown_file: str | None) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare_runs
-    from harness.results import read_records
+    from harness.compare import compare_runs, environment_differences
+    from harness.results import read_environment, read_records
 
     comparisons = compare_runs(read_records(args.base), read_records(args.new), args.threshold)
-    return _verdicts(comparisons, args.threshold, args.markdown)
+    differences = environment_differences(read_environment(args.base), read_environment(args.new))
+    if differences:
+        err_console.print(
+            "[yellow]the two runs were measured on different environments; read every verdict in that light:[/yellow]"
+        )
+        for line in differences:
+            err_console.print(f"  {line}", highlight=False)
+    return _verdicts(comparisons, args.threshold, args.markdown, differences)
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from harness.compare import gate
     from harness.console import RunProgress
+    from harness.gate import gate
 
     comparisons, out = gate(
         args.suite,

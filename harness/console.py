@@ -4,42 +4,96 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from harness.suite import Case
+from harness.shapes import Case
+from harness.suite.schema import Timing
 
 STATUS_STYLE = {"ok": "green", "skipped": "dim", "error": "red", "timeout": "magenta", "oom": "red", "crash": "red"}
 
 
+# What the ETA assumes before the first case ends: one call's FLOP rate per device kind, the cost
+# of starting a case (worker round trip, inputs), and a first call that compiles (inductor, cold
+# cache: flex took 2-8 s per shape on a 2-core CPU). The ETA then learns the real pace.
+ASSUMED_FLOPS = {"cpu": 40e9, "cuda": 100e12}
+CASE_OVERHEAD_S = 0.15
+COMPILE_S = 4.0
+# Seconds of prior belief in the prediction: the pace learned from finished cases takes over
+# gradually, so one fast or slow first case does not swing the ETA.
+PRIOR_S = 30.0
+
+
+def predicted_seconds(case: Case, timing: Timing) -> float:
+    """How long measuring `case` should take: the untimed calls, the checks and the timing loop."""
+    if case.skip_reason:
+        return 0.0
+    if case.task:
+        return 20.0  # a task trains a small model or loads it from the cache
+    from harness import registry
+    from harness.variants import get_variant
+
+    rate = ASSUMED_FLOPS["cuda" if case.params.device.startswith("cuda") else "cpu"]
+    call = get_variant(case.variant).flops(case.params) / rate
+    try:
+        compiles = registry.get(case.variant, case.implementation).compiles
+    except Exception:  # a name only another tree has (the gate): no compile assumed
+        compiles = False
+    first = COMPILE_S if compiles else call
+    sampling = max(timing.min_time_s, timing.min_samples * max(call, timing.min_sample_time_s))
+    timed = min(timing.max_time_s, sampling) + timing.warmup * call
+    checks = 6 * call  # naive in the case's dtype and the float64 reference (shared by a shape), memory
+    return CASE_OVERHEAD_S + first + checks + timed
+
+
+class _Eta(ProgressColumn):
+    """Remaining predicted seconds, scaled by the pace measured so far (shrunk toward the prediction)."""
+
+    def render(self, task: Task) -> Text:
+        remaining = (task.total or 0) - task.completed
+        elapsed = task.elapsed or 0.0
+        pace = (elapsed + PRIOR_S) / (task.completed + PRIOR_S)
+        seconds = max(0.0, remaining * pace)
+        return Text(f"eta {int(seconds // 60)}:{int(seconds % 60):02d}", style="progress.remaining")
+
+
 class RunProgress:
+    """A progress bar weighted by each case's predicted time, so the ETA is right from the first case."""
+
     def __init__(self, console: Console) -> None:
         self.console = console
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[cases]}"),
             TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            _Eta(),
             TextColumn("{task.fields[current]}"),
             console=console,
             transient=False,
         )
-        self._task = None
+        self._task: Any = None
+        self._cost: dict[str, float] = {}
+        self._done = 0
 
-    def start(self, total: int, already: int = 0) -> None:
+    def start(self, cases: list[Case], already: int = 0, timing: Timing | None = None) -> None:
         if already:
-            self.console.print(f"resuming: {already} cases already recorded, {total} to go")
+            self.console.print(f"resuming: {already} cases already recorded, {len(cases)} to go")
+        timing = timing or Timing()
+        self._cost = {c.case_id: predicted_seconds(c, timing) for c in cases}
+        self._done = 0
         self._progress.start()
-        self._task = self._progress.add_task("cases", total=total, current="")
+        total = sum(self._cost.values()) or 1.0
+        self._task = self._progress.add_task("cases", total=total, current="", done=0, cases=len(cases))
 
     def case_started(self, case: Case) -> None:
         self._progress.update(self._task, current=case.case_id)
 
-    def case_finished(self, case: Case, record: dict) -> None:
+    def case_finished(self, case: Case, record: Any) -> None:
         status = record["status"]
         if status not in ("ok", "skipped") or record.get("accurate") is False:
             style = STATUS_STYLE.get(status, "red")
@@ -47,7 +101,8 @@ class RunProgress:
             self._progress.console.print(
                 f"[{style}]{what}[/{style}] {case.case_id}: {record.get('reason', '')}", highlight=False
             )
-        self._progress.advance(self._task)
+        self._done += 1
+        self._progress.update(self._task, advance=self._cost.get(case.case_id, 0.0), done=self._done)
 
     def stop(self) -> None:
         self._progress.update(self._task, current="")
@@ -64,9 +119,9 @@ def _bytes(n: float | None) -> str:
     return "-"
 
 
-def summary_table(records: list[dict]) -> Table:
+def summary_table(records: list[Any]) -> Table:
     """Per variant and implementation: cases, best TFLOP/s, largest peak memory, accuracy."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for r in records:
         groups[(r["variant"], r["implementation"])].append(r)
     table = Table(title="summary", title_justify="left")

@@ -19,6 +19,15 @@ def closest(name: str, known: Iterable[str]) -> str | None:
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> InputError:
     """An error for a name that is not one of `known`, listing them and the closest match."""
     known = sorted(known)
+    return InputError(f"unknown {kind} {name!r}.{did_you_mean(name, known)} Known: {', '.join(known) or '(none)'}.")
+
+
+def did_you_mean(name: str, known: Iterable[str], inline: bool = False) -> str:
+    """The "did you mean" hint every unknown-name message uses: ' Did you mean 'x'?' or ''.
+
+    `inline` gives the parenthesised form for messages that go on after it: " (did you mean 'x'?)".
+    """
     hint = closest(name, known)
-    did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-    return InputError(f"unknown {kind} {name!r}.{did_you_mean} Known: {', '.join(known) or '(none)'}.")
+    if not hint:
+        return ""
+    return f" (did you mean {hint!r}?)" if inline else f" Did you mean {hint!r}?"

@@ -1,12 +1,13 @@
-"""Spreading a sweep over GPUs and nodes with submitit (SLURM, or its local executor) or Ray: no scheduler of ours.
+"""Where cases run: here (`LocalExecutor`), or spread over GPUs and nodes by submitit (SLURM, or its
+local executor) or Ray. Each is an object with `run(cases, emit)`; no scheduler of ours.
 
-The parent splits the cases into shards of whole shape groups (every implementation of one shape in
-one job, so that they share the float64 reference and are measured side by side on one device) and
-balances the shards by FLOPs. Each shard is one submitit job or Ray task: it measures its cases one
-at a time in the harness's own worker processes (so a crash, hang or OOM is still a record) and
-hands each case's records on as the case ends — a submitit job through its own shard file, a Ray
-task through a queue actor. The parent copies them into the run's results.jsonl as they land;
-records a submitit job wrote after the parent stopped are merged by `--resume`.
+For the distributed ones, the parent splits the cases into shards of whole shape groups (every
+implementation of one shape in one job, so that they share the float64 reference and are measured
+side by side on one device) and balances the shards by FLOPs. Each shard is one submitit job or Ray
+task: it measures its cases one at a time in the harness's own worker processes (so a crash, hang or
+OOM is still a record) and hands each case's records on as the case ends — a submitit job through its
+own shard file, a Ray task through a queue actor. The parent copies them into the run's results.jsonl
+as they land; records a submitit job wrote after the parent stopped are merged by `--resume`.
 
 One case per device at a time: a SLURM job asks for one GPU (gpus_per_node=1 by default when the
 suite runs on CUDA) and runs its cases sequentially; submitit's local executor gets one GPU per job
@@ -25,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
-from harness.results import RunFolder, _clean, case_key, parse_records
-from harness.suite import Case, Suite
+from harness.measure import measure_cases, records_of
+from harness.results import JSONL, Outcome, Record, RunFolder, Status, as_record, case_key, parse_records, read_records
+from harness.shapes import Case
+from harness.suite.schema import Suite
 
-DISTRIBUTED = ("submitit", "ray")
+Emit = Callable[[Case, list[Record]], None]
+
 CLUSTERS = ("local", "slurm")
 SHARDS = "shards"
 POLL_S = 0.5
@@ -70,16 +74,14 @@ def run_shard(
     They go to `shard_file` (submitit: the run folder is on a shared filesystem) and/or `sink` (Ray:
     a queue actor, for nodes that share no filesystem); all of them are also returned.
     """
-    from harness.runner import measure_cases
-
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)  # the job's worker processes inherit it
     made: list[list[dict]] = []
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open(shard_file, "a", encoding="utf-8")) if shard_file else None
 
-        def emit(case: Case, records: list[dict]) -> None:
-            records = [_clean(record) for record in records]
+        def emit(case: Case, made_records: list[Record]) -> None:
+            records = [record.as_dict() for record in made_records]
             made.append(records)
             if f is not None:
                 # One write per case, so that the parent never reads half of a task's metric records.
@@ -89,7 +91,7 @@ def run_shard(
             if sink is not None:
                 sink.put(records)
 
-        measure_cases(suite, cases, emit)
+        LocalExecutor(suite).run(cases, emit)
     return made
 
 
@@ -111,8 +113,8 @@ class _Tail:
         return parse_records(data[:end].splitlines())
 
 
-def _by_case(records: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
+def _by_case(records: list[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
     for record in records:
         groups.setdefault(case_key(record), []).append(record)
     return groups
@@ -123,10 +125,8 @@ def merge_shards(out: Path, folder: RunFolder) -> int:
     shard_dir = Path(out) / SHARDS
     if not shard_dir.is_dir():
         return 0
-    from harness.results import JSONL, read_records
-
     have = {case_key(r) for r in read_records(out)} if (Path(out) / JSONL).exists() else set()
-    fresh: dict[str, list[dict]] = {}
+    fresh: dict[str, list[Record]] = {}
     for path in sorted(shard_dir.glob("*.jsonl")):  # named by start time: a later attempt wins
         fresh.update({k: v for k, v in _by_case(_Tail(path).records()).items() if k not in have})
     for records in fresh.values():
@@ -189,58 +189,92 @@ def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: lis
     return executor
 
 
-def run_distributed(
-    suite: Suite,
-    cases: list[Case],
-    out: Path,
-    emit: Callable[[Case, list[dict]], None],
-    *,
-    executor: str,
-    workers: int,
-    options: dict[str, Any] | None = None,
-) -> None:
-    """Measure `cases` in `workers` submitit jobs or Ray tasks; hand each case's records to `emit` as they land."""
-    if executor not in DISTRIBUTED:
-        raise InputError(f"--executor {executor!r}: this function spreads cases with {' or '.join(DISTRIBUTED)}")
-    if workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}")
-    if not cases:
-        return
-    shards = shard_cases(cases, workers)
-    ledger = _Ledger(suite, cases, emit)
-    if executor == "ray":
-        _run_ray(suite, shards, options or {}, ledger)
-    else:
-        _run_submitit(suite, shards, out, options or {}, ledger)
+class LocalExecutor:
+    """Here, one case at a time, in the harness's worker processes."""
+
+    def __init__(self, suite: Suite, on_start: Callable[[Case], None] | None = None) -> None:
+        self.suite, self.on_start = suite, on_start
+
+    def run(self, cases: list[Case], emit: Emit) -> None:
+        measure_cases(self.suite, cases, emit, on_start=self.on_start)
+
+
+class _Distributed:
+    """Shards of whole shape groups, one job or task each; records reach `emit` as they land."""
+
+    def __init__(self, suite: Suite, out: Path, workers: int = 2, options: dict[str, Any] | None = None) -> None:
+        if workers < 1:
+            raise InputError(f"--workers must be at least 1, got {workers}")
+        self.suite, self.out, self.workers, self.options = suite, Path(out), workers, dict(options or {})
+
+    def run(self, cases: list[Case], emit: Emit) -> None:
+        if not cases:
+            return
+        self._run(shard_cases(cases, self.workers), _Ledger(self.suite, cases, emit))
+
+    def _run(self, shards: list[list[Case]], ledger: _Ledger) -> None:
+        raise NotImplementedError
 
 
 class _Ledger:
     """Which cases are still owed a record; hands each case's records to the run exactly once."""
 
-    def __init__(self, suite: Suite, cases: list[Case], emit: Callable[[Case, list[dict]], None]) -> None:
+    def __init__(self, suite: Suite, cases: list[Case], emit: Emit) -> None:
         self.suite, self.emit = suite, emit
         self.by_id = {c.case_id: c for c in cases}
         self.left = set(self.by_id)
 
-    def record(self, records: list[dict]) -> None:
-        for case_id, group in _by_case(records).items():
+    def record(self, records: list[Record] | list[dict]) -> None:
+        for case_id, group in _by_case([as_record(r) for r in records]).items():
             if case_id in self.left:
                 self.left.discard(case_id)
                 self.emit(self.by_id[case_id], group)
 
     def lost(self, case_ids: set[str], reason: str) -> None:
         """Cases a finished job never recorded (it failed, was cancelled or timed out) become crash records."""
-        from harness.runner import records_of
-
         for case_id in sorted(case_ids & self.left):
             case = self.by_id[case_id]
             self.left.discard(case_id)
-            self.emit(case, records_of(self.suite.name, case, {"status": "crash", "reason": reason}))
+            self.emit(case, records_of(self.suite.name, case, Outcome.failure(Status.crash, reason)))
 
 
 def _failure(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+class SubmititExecutor(_Distributed):
+    """One submitit job per shard (SLURM, or submitit's local executor); records through shard files."""
+
+    def _run(self, shards: list[list[Case]], ledger: _Ledger) -> None:
+        _run_submitit(self.suite, shards, self.out, self.options, ledger)
+
+
+class RayExecutor(_Distributed):
+    """One Ray task per shard; records stream back through a queue actor (no shared filesystem)."""
+
+    def _run(self, shards: list[list[Case]], ledger: _Ledger) -> None:
+        _run_ray(self.suite, shards, self.options, ledger)
+
+
+EXECUTORS: dict[str, type] = {"local": LocalExecutor, "submitit": SubmititExecutor, "ray": RayExecutor}
+
+
+def make_executor(
+    name: str,
+    suite: Suite,
+    out: Path,
+    *,
+    workers: int = 2,
+    options: dict[str, Any] | None = None,
+    on_start: Callable[[Case], None] | None = None,
+) -> LocalExecutor | _Distributed:
+    """The executor called `name` (local, submitit, ray), set up for one run."""
+    if name == "local":
+        return LocalExecutor(suite, on_start=on_start)
+    if name not in EXECUTORS:
+        raise InputError(f"--executor {name!r}: allowed values are {', '.join(EXECUTORS)}")
+    return EXECUTORS[name](suite, out, workers, options)
 
 
 def _run_submitit(suite: Suite, shards: list[list[Case]], out: Path, options: dict[str, Any], ledger: _Ledger) -> None:

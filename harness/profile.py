@@ -18,9 +18,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
 from harness import registry
-from harness.errors import InputError
-from harness.suite import Case, expand, load_suite
-from harness.variants import VARIANTS
+from harness.errors import InputError, did_you_mean
+from harness.measure import prepare_case
+from harness.results import RESULTS_ROOT
+from harness.shapes import Case
+from harness.suite import expand, load_suite
 
 PROFILE_JSON = "profile.json"
 TOP_OPERATORS = 12
@@ -58,16 +60,16 @@ def profile_case(case: Case, out_dir: Path, calls: int = 3, seed: int = 0) -> di
         return {"case_id": case.case_id, "status": "skipped", "reason": why}
     if case.params.threads:
         torch.set_num_threads(case.params.threads)
-    inputs = VARIANTS[case.variant].make_inputs(case.params, seed=seed)
+    prepared = prepare_case(case, seed=seed)
     activities = [ProfilerActivity.CPU]
     if case.params.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     slug = _slug(case.case_id)
     with torch.inference_mode():
-        inputs.call(impl.fn)  # warm-up: lazy init and compilation stay out of the trace
+        prepared.call()  # warm-up: lazy init and compilation stay out of the trace
         with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
             for _ in range(calls):
-                inputs.call(impl.fn)
+                prepared.call()
             if case.params.device.startswith("cuda"):
                 torch.cuda.synchronize()
     # A trace can be exported once: TensorBoard's handler writes it (Chrome trace format, which
@@ -98,19 +100,15 @@ def profile_suite(suite_path: str, case_ids: list[str] | None = None, out_dir: s
         known = {c.case_id: c for c in cases}
         missing = [i for i in case_ids if i not in known]
         if missing:
-            from harness.errors import closest
-
-            hint = closest(missing[0], known)
             raise InputError(
-                f"--case {missing[0]!r} is not a case of {suite_path}"
-                + (f". Did you mean {hint!r}?" if hint else "")
-                + " (case ids: see results.jsonl)"
+                f"--case {missing[0]!r} is not a case of {suite_path}.{did_you_mean(missing[0], known)}"
+                " (case ids: see results.jsonl)"
             )
         cases = [known[i] for i in case_ids]
     else:
         cases = [c for c in expand(quick_version(suite)) if not c.skip_reason and not c.task]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(out_dir) if out_dir else Path("results") / f"profile-{suite.name}-{stamp}"
+    out = Path(out_dir) if out_dir else RESULTS_ROOT / f"profile-{suite.name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     results = [profile_case(case, out, seed=suite.seed) for case in cases]
     path = out / PROFILE_JSON

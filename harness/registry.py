@@ -10,11 +10,18 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.errors import unknown_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.variants import Inputs
 
 ENTRY_POINT_GROUP = "harness.implementations"
 # Comma-separated modules to import as plugins without packaging them (local experiments, tests).
@@ -28,6 +35,59 @@ def always_available(**_: object) -> tuple[bool, str]:
     return True, ""
 
 
+class AttentionKernel(Protocol):
+    """The one signature of every dot-product kernel (transformers' attention interface is the model).
+
+    q: (B, H, Nq, D); k, v: (B, H, Nkv, D); mask broadcastable to (B, H, Nq, Nkv), True = attend or
+    additive; `causal` is aligned top-left like torch's `is_causal`; returns (B, H, Nq, D). Inputs
+    are checked once per case by `check_inputs`, outside the timed region, not by the kernel.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+KERNEL_KEYWORDS = ("causal", "scale", "mask")
+
+
+def signature_problems(fn: Callable) -> list[str]:
+    """How `fn` departs from AttentionKernel: three positional tensors and keyword-only options."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ["has no inspectable signature"]
+    problems = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if [p.name for p in positional] != ["q", "k", "v"]:
+        problems.append(f"positional parameters {[p.name for p in positional]}, expected ['q', 'k', 'v']")
+    keywords = {p.name: p for p in params if p.kind == p.KEYWORD_ONLY}
+    for name in KERNEL_KEYWORDS:
+        if name not in keywords:
+            problems.append(f"no keyword-only parameter {name!r}")
+        elif keywords[name].default is inspect.Parameter.empty:
+            problems.append(f"keyword {name!r} has no default")
+    return problems
+
+
+def check_inputs(variant: str, inputs: Inputs) -> None:
+    """Raise InputError unless a case's inputs fit the variant's kernel contract (once per case)."""
+    from harness.checks import check_gate, check_qkv
+    from harness.variants import get_variant
+
+    if get_variant(variant).kind == "gate":
+        check_gate(*inputs.args)
+    else:
+        check_qkv(*inputs.args, inputs.kwargs.get("mask"))
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One kernel for one variant, as the runner and the CLI see it."""
@@ -39,6 +99,16 @@ class Implementation:
     summary: str = ""
     check: AvailabilityCheck = field(default=always_available, repr=False, compare=False)
     source: str = "builtin"
+    # Compiles on its first call per shape (torch.compile, flex): the ETA and suites plan for it.
+    compiles: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The kernel with its inputs checked first: for direct use (a kernel trusts its inputs)."""
+        from harness.variants import Inputs
+
+        inputs = Inputs(args, kwargs)
+        check_inputs(self.variant, inputs)
+        return inputs.call(self.fn)
 
     def available(self, device: str | None = None, dtype: str | None = None, **case: object) -> tuple[bool, str]:
         """Whether this kernel runs here (and, given a device and dtype, for that case), and why not."""
@@ -68,6 +138,7 @@ def register(
     exact: bool = True,
     summary: str | None = None,
     available: AvailabilityCheck | None = None,
+    compiles: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` under `name` for each of `variants`.
 
@@ -95,6 +166,7 @@ def register(
                 summary=text,
                 check=available or always_available,
                 source=source,
+                compiles=compiles,
             )
         return fn
 

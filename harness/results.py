@@ -14,8 +14,11 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import InputError
 
@@ -36,13 +39,37 @@ RECORD_KEYS = (
     "tolerance",
     "accurate",
 )
-STATUSES = ("ok", "skipped", "error", "timeout", "oom", "crash")
+# 1: the unversioned records of the first release (read as they are); 2: `schema_version` written.
+SCHEMA_VERSION = 2
 JSONL = "results.jsonl"
 MIN_FREE_BYTES = 16 << 20
+# Where runs, gates, profiles and the task cache go unless told otherwise (relative to the cwd).
+RESULTS_ROOT = Path("results")
+TASK_CACHE = RESULTS_ROOT / "task-cache"
+
+
+class Status(str, Enum):
+    """How a case ended. `ok` may still be inaccurate (see `accurate`)."""
+
+    ok = "ok"
+    skipped = "skipped"
+    error = "error"
+    timeout = "timeout"
+    oom = "oom"
+    crash = "crash"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUSES = tuple(s.value for s in Status)
+FAILED = frozenset({Status.error, Status.timeout, Status.oom, Status.crash})
 
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/Inf; store them as strings so every line stays valid JSON."""
+    if isinstance(value, Enum):
+        return value.value
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
@@ -52,12 +79,108 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def new_record(suite: str, variant: str, implementation: str, case_id: str, params: dict, **fields: Any) -> dict:
-    record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-    record.update(suite=suite, variant=variant, implementation=implementation, case_id=case_id, params=params)
-    record.update(status="ok", reason="")
-    record.update(fields)
-    return record
+class Outcome(BaseModel):
+    """What measuring one case produced: the record's measured fields, status first.
+
+    A worker sends one back per request; the parent makes one when the worker crashed, hung or
+    ran out of memory, or when a case was skipped before reaching a worker.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Status = Status.ok
+    reason: str = ""
+
+    @classmethod
+    def failure(cls, status: Status | str, reason: str) -> Outcome:
+        return cls(status=Status(status), reason=reason)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class Record(BaseModel):
+    """One line of results.jsonl: a case's params and what was measured (DESIGN's record keys).
+
+    Task records and later releases add keys; they are kept (extra="allow"), and old files without
+    `schema_version` load as version 1. Readers index a record like the JSON object it is stored as
+    (`record["time_s"]["median"]`, `record.get("accurate")`), which the report's tables use.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    suite: str = ""
+    variant: str = ""
+    implementation: str = ""
+    case_id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    status: Status = Status.ok
+    reason: str = ""
+    time_s: dict[str, Any] | None = None
+    tflops: float | None = None
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    tolerance: float | None = None
+    accurate: bool | None = None
+    first_call_s: float | None = None
+    threads_used: int | None = None
+    source_file: str | None = None
+    leak_note: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "schema_version" not in data:
+            data = {**data, "schema_version": 1}
+        return data
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILED
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object this record is stored as (NaN/Inf as strings; unset optional keys left out)."""
+        return _clean({k: getattr(self, k) for k in self.keys()})
+
+    # The mapping view: readers treat a record as the JSON object it is stored as.
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Like dict.get on the stored JSON object: an unset optional key gives `default`."""
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.keys()
+
+    def keys(self) -> list[str]:
+        """The stored keys: every design key, and the optional ones that are set."""
+        names = [*type(self).model_fields, *(self.model_extra or {})]
+        return [k for k in names if k in RECORD_KEYS or getattr(self, k) is not None]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __iter__(self):  # type: ignore[override] - a mapping iterates its keys (dict(record) works)
+        return iter(self.keys())
+
+
+def new_record(suite: str, variant: str, implementation: str, case_id: str, params: dict, **fields: Any) -> Record:
+    fields["schema_version"] = SCHEMA_VERSION  # written now, whatever the outcome carried
+    return Record(suite=suite, variant=variant, implementation=implementation, case_id=case_id, params=params, **fields)
+
+
+def as_record(data: dict | Record) -> Record:
+    """A stored JSON object (any schema version) as a Record."""
+    return data if isinstance(data, Record) else Record.model_validate(data)
 
 
 class RunFolder:
@@ -108,8 +231,8 @@ class RunFolder:
             f.truncate(keep)
         self._jsonl.seek(0, os.SEEK_END)
 
-    def append(self, record: dict) -> None:
-        line = json.dumps(_clean(record), allow_nan=False)
+    def append(self, record: Record | dict) -> None:
+        line = json.dumps(as_record(record).as_dict(), allow_nan=False)
         try:
             self._jsonl.write(line + "\n")
             self._jsonl.flush()
@@ -137,22 +260,22 @@ class RunFolder:
         self.close()
 
 
-def parse_records(lines: Iterable[str | bytes]) -> list[dict]:
+def parse_records(lines: Iterable[str | bytes]) -> list[Record]:
     """The records among JSONL lines; a torn or corrupt line is dropped, not fatal."""
     records = []
     for line in lines:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            data = json.loads(line)
+            if isinstance(data, dict) and "case_id" in data:
+                records.append(Record.model_validate(data))
+        except (json.JSONDecodeError, ValidationError):
             continue
-        if isinstance(record, dict) and "case_id" in record:
-            records.append(record)
     return records
 
 
-def read_records(path: str | Path) -> list[dict]:
+def read_records(path: str | Path) -> list[Record]:
     """Records of a run folder (or a .jsonl file); a torn or corrupt line is dropped, not fatal."""
     path = Path(path)
     file = path / JSONL if path.is_dir() else path
@@ -161,25 +284,35 @@ def read_records(path: str | Path) -> list[dict]:
     return parse_records(file.read_text(encoding="utf-8", errors="replace").splitlines())
 
 
-def case_key(record: dict) -> str:
+def read_environment(path: str | Path) -> dict[str, Any]:
+    """A run folder's env.json ({} when there is none, e.g. a bare .jsonl file)."""
+    file = Path(path) / "env.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def case_key(record: Record | dict) -> str:
     """The case a record belongs to: a task case writes one record per metric under one key."""
     return record.get("task_case") or record["case_id"]
 
 
-def latest_records(records: list[dict]) -> list[dict]:
+def latest_records(records: list[Record]) -> list[Record]:
     """One record per case_id, the last one written (a resumed run may repeat none, but be safe)."""
-    by_id: dict[str, dict] = {}
+    by_id: dict[str, Record] = {}
     for record in records:
         by_id[record["case_id"]] = record
     return list(by_id.values())
 
 
-def to_frame(records: list[dict]):
+def to_frame(records: list[Record] | list[dict]):
     """A flat pandas DataFrame: params.* and time_s.* become columns; samples are left out."""
     import pandas as pd
 
     rows = []
-    for r in records:
+    for r in (as_record(r).as_dict() for r in records):
         row = {k: v for k, v in r.items() if k not in ("params", "time_s")}
         row.update(r.get("params") or {})
         for key, value in (r.get("time_s") or {}).items():
@@ -193,7 +326,7 @@ def to_frame(records: list[dict]):
     return frame
 
 
-def write_csv(records: list[dict], path: str | Path) -> None:
+def write_csv(records: list[Record], path: str | Path) -> None:
     to_frame(records).to_csv(path, index=False)
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.suite.schema import Timing
+
 # triton.testing.do_bench flushes with a 256 MB buffer: larger than any current GPU's L2.
 L2_FLUSH_BYTES = 256 << 20
 
@@ -65,15 +67,8 @@ class TimingStats:
         }
 
 
-@dataclass(frozen=True)
-class TimingSettings:
-    warmup: int = 2
-    min_time_s: float = 0.5
-    min_samples: int = 5
-    max_samples: int = 500
-    max_time_s: float = 10.0
-    min_sample_time_s: float = 0.002
-    flush_l2: bool = True
+# The one timing model: the suite schema's `timing` block, defaults included (harness.suite.schema).
+TimingSettings = Timing
 
 
 def _enough(n: int, elapsed: float, s: TimingSettings) -> bool:

@@ -1,4 +1,4 @@
-"""The attention variants: how to build their inputs, count their FLOPs, and compute them exactly.
+"""The attention variants: how to build their inputs and compute them exactly (their FLOPs: harness.shapes).
 
 Each variant comes from one application in the article (see the table in DESIGN.md). The float64
 reference is the ground truth every implementation is measured against; it is computed in query-row
@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from harness import shapes
 from harness.errors import InputError, unknown_name
+from harness.shapes import DTYPE_NAMES, Params
 
 if TYPE_CHECKING:
     import torch
-
-DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -29,38 +29,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise unknown_name("dtype", name, DTYPE_NAMES)
     return getattr(torch, name)
-
-
-@dataclass(frozen=True)
-class Params:
-    """One point of a sweep: the shape and placement of a case (the record's `params`)."""
-
-    batch: int = 1
-    heads: int = 1
-    seq_len: int = 128
-    seq_len_kv: int | None = None
-    head_dim: int = 64
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    causal: bool = False
-
-    @property
-    def kv_len(self) -> int:
-        return self.seq_len if self.seq_len_kv is None else self.seq_len_kv
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "heads": self.heads,
-            "seq_len": self.seq_len,
-            "seq_len_kv": self.seq_len_kv,
-            "head_dim": self.head_dim,
-            "dtype": self.dtype,
-            "device": self.device,
-            "threads": self.threads,
-            "causal": self.causal,
-        }
 
 
 @dataclass
@@ -132,7 +100,7 @@ class Variant:
         raise NotImplementedError
 
     def tokens(self, params: Params) -> int:
-        raise NotImplementedError
+        return shapes.tokens(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         raise NotImplementedError
@@ -183,12 +151,7 @@ class DotProductVariant(Variant):
         return Inputs((q, k, v), {"causal": params.causal})
 
     def flops(self, params: Params) -> float:
-        # Two matmuls of 2·Nq·Nkv·D each per head; a causal mask skips half of the pairs.
-        total = 4.0 * params.batch * params.heads * params.seq_len * params.kv_len * params.head_dim
-        return total / 2 if params.causal else total
-
-    def tokens(self, params: Params) -> int:
-        return params.batch * params.seq_len
+        return shapes.dot_product_flops(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         q, k, v = inputs.args
@@ -200,40 +163,6 @@ class DotProductVariant(Variant):
             scale=inputs.kwargs.get("scale"),
             mask=inputs.kwargs.get("mask"),
         )
-
-
-def causal_mask(
-    n_q: int, n_kv: int, device: str | torch.device = "cpu", row_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Boolean (Nq, Nkv) mask, True = attend, aligned top-left like torch's ``is_causal``.
-
-    `row_ids` gives the absolute query positions when only some rows are computed.
-    """
-    import torch
-
-    rows = torch.arange(n_q, device=device) if row_ids is None else row_ids.to(device)
-    return torch.arange(n_kv, device=device)[None, :] <= rows[:, None]
-
-
-def with_causal(
-    mask: torch.Tensor | None,
-    causal: bool,
-    n_q: int,
-    n_kv: int,
-    device: torch.device,
-    row_ids: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
-    import torch
-
-    if not causal:
-        return mask
-    tri = causal_mask(n_q, n_kv, device, row_ids)
-    if mask is None:
-        return tri
-    if mask.dtype == torch.bool:
-        return mask & tri
-    return mask.masked_fill(~tri, float("-inf"))
 
 
 def reference_attention(
@@ -304,10 +233,7 @@ class GateVariant(Variant):
             raise InputError("causal does not apply to attention_gate")
         return replace(params, heads=1)
 
-    @staticmethod
-    def channels(params: Params) -> tuple[int, int, int]:
-        """(Cx, Cg, F_int) for a case."""
-        return params.head_dim, params.head_dim, max(1, params.head_dim // 2)
+    channels = staticmethod(shapes.gate_channels)
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
         import torch
@@ -332,14 +258,7 @@ class GateVariant(Variant):
         return Inputs((x, g, weights))
 
     def flops(self, params: Params) -> float:
-        cx, cg, f_int = self.channels(params)
-        pixels = params.batch * params.seq_len
-        convs = 2.0 * pixels * f_int * (cg + cx + 1)
-        pointwise = pixels * (2 * f_int + cx + 1)  # add + relu, the final multiply, the sigmoid
-        return convs + pointwise
-
-    def tokens(self, params: Params) -> int:
-        return params.batch * params.seq_len
+        return shapes.gate_flops(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         x, g, weights = inputs.args

@@ -1,146 +1,160 @@
-"""The worker process: builds inputs, checks accuracy, measures memory and time for one case.
+"""Both ends of the worker pipe: the parent's `Worker` (spawn, watch, kill, replace) and the child's `serve`.
 
-It runs in its own process (spawned by harness.runner) so that a kernel that crashes, hangs or
-exhausts memory takes only the worker down; the parent records what happened and starts another.
+A case runs in a spawned process so that a kernel that crashes, hangs or exhausts memory takes only
+the worker down: the parent turns what happened into an outcome (crash, timeout, oom) and starts a
+fresh worker for the next case. What a request means is the handler's business (harness.measure);
+this module only moves requests and replies and watches the process.
 """
 
 from __future__ import annotations
 
 import ctypes
-import inspect
+import multiprocessing
 import os
+import re
+import signal
+import sys
 import time
-import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
+from harness.results import Outcome, Status
 
-from harness import registry
-from harness.accuracy import Baseline, baseline
-from harness.memory import peak_memory
-from harness.timing import TimingSettings, time_callable
-from harness.variants import Params, get_variant
+POLL_S = 0.05
+STARTUP_TIMEOUT_S = 180.0
+# A worker whose malloc'd memory grew this much over its first case is replaced before the next
+# case, so that a kernel that leaks cannot make the cases after it fail or measure differently.
+LEAK_LIMIT_BYTES = 512 << 20
 
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+# glibc adapts its mmap threshold to the sizes a process has freed, so two processes running the
+# same kernel can end in different regimes: one reusing heap pages, the other page-faulting fresh
+# mmaps on every call (measured here: sdpa.math at N=1024, 12 ms in one worker, 23 ms in its twin).
+# Fixing the thresholds puts every worker in the same regime; a user's own settings win.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return any(marker in str(exc).lower() for marker in OOM_MARKERS)
-
-
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+Handler = Callable[[Any], Any]
 
 
-class CaseRunner:
-    """Runs cases one after another, reusing the reference of a shape across its implementations."""
+def _rss(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
 
-    def __init__(self) -> None:
-        self._baseline_key: tuple | None = None
-        self._inputs = None
-        self._baseline: Baseline | None = None
 
-    def _prepare(self, variant: str, params: Params, seed: int, with_accuracy: bool):
-        key = (variant, params, seed)
-        if key != self._baseline_key:
-            self._inputs = self._baseline = None  # free the previous shape's tensors first
-            self._inputs = get_variant(variant).make_inputs(params, seed=seed)
-            self._baseline_key = key
-        if with_accuracy and self._baseline is None:
-            self._baseline = baseline(get_variant(variant), self._inputs, registry.get(variant, "naive").fn)
-        return self._inputs, self._baseline if with_accuracy else None
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
 
-    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+
+class Worker:
+    """One spawned worker process running `handler` on each request; replaced when a case kills it."""
+
+    def __init__(self, handler: Handler, on_start: Callable[[], None] | None = None, tree: str | Path | None = None):
+        self.handler, self.on_start = handler, on_start
+        self.tree = None if tree is None else str(Path(tree).resolve())
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+        self._baseline_rss = 0
+        self.starts = 0  # processes started over this worker's life (a replaced worker counts again)
+
+    def _start(self) -> Outcome | None:
+        """Start a worker and wait until it is ready; a worker that dies on the way is an outcome."""
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(
+            target=serve, args=(child, self.handler, self.on_start, self.tree), daemon=True, name="harness-worker"
+        )
+        added = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+        os.environ.update(added)  # the spawned interpreter inherits the environment at start
         try:
-            with torch.inference_mode():
-                return self._run(task)
-        except BaseException as exc:  # a kernel's failure is a result, not the worker's end
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            self._baseline_key = self._inputs = self._baseline = None
-            status = "oom" if _is_oom(exc) else "error"
-            message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-            return {"status": status, "reason": f"{type(exc).__name__}: {message}{_where(exc)}"}
+            self._proc.start()
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
+        self.starts += 1
+        child.close()
+        self._conn = parent
+        if parent.poll(STARTUP_TIMEOUT_S):
+            try:
+                ready = parent.recv()
+                self._baseline_rss = ready.get("rss", 0)
+                return None
+            except (EOFError, OSError):
+                pass
+        code = self._proc.exitcode
+        self.stop(kill=True)
+        return Outcome.failure(Status.crash, f"worker failed to start ({_signal_name(code)})")
 
-    def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """A task case: train (or load) the task's model, evaluate `implementation` against naive."""
-        try:
-            impl = registry.get(task["variant"], task["implementation"])
-            ok, why = impl.available("cpu", "float32")
-            if not ok:
-                return {"status": "skipped", "reason": why}
-            from harness.tasks import run_task
+    def stop(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if not kill and self._conn is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(5)
+            except (OSError, BrokenPipeError):
+                pass
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+        self._baseline_rss = 0
 
-            if task.get("threads"):
-                torch.set_num_threads(task["threads"])
-            return run_task(task["task"], task["implementation"], task.get("cache_dir"))
-        except Exception as exc:
-            status = "oom" if _is_oom(exc) else "error"
-            message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-            return {"status": status, "reason": f"{type(exc).__name__}: {message}{_where(exc)}"}
+    def _check_leak(self, reply: Any, rss: int) -> Any:
+        if rss and self._baseline_rss and rss - self._baseline_rss > LEAK_LIMIT_BYTES:
+            grown = (rss - self._baseline_rss) / 2**20
+            self.stop()
+            note = (
+                f"the worker held {grown:.0f} MiB more (malloc in use) after this case than when it started; "
+                "worker replaced"
+            )
+            if isinstance(reply, Outcome):
+                reply = reply.model_copy(update={"leak_note": note})
+        return reply
 
-    def _run(self, task: dict[str, Any]) -> dict[str, Any]:
-        params = Params(**task["params"])
-        variant, measure = task["variant"], set(task["measure"])
-        if params.threads is not None:
-            torch.set_num_threads(params.threads)
-        if task["implementation"] not in registry.names(variant):
-            return {"status": "skipped", "reason": f"no implementation {task['implementation']!r} in this source tree"}
-        impl = registry.get(variant, task["implementation"])
-        ok, why = impl.available_for(params)
-        if not ok:
-            return {"status": "skipped", "reason": why}
-        if task.get("cpus") and hasattr(os, "sched_setaffinity"):
-            # The gate pins both sides of a round to the same cores: on a shared VM one core can be
-            # slower than another for minutes, and that must fall on both sides of a pair.
-            os.sched_setaffinity(0, task["cpus"])
-        if task.get("fresh_inputs"):
-            # New allocations, new addresses: a layout that happens to suit (or hurt) one process
-            # must not persist through every round of an A/B comparison.
-            self._baseline_key = self._inputs = self._baseline = None
-        inputs, base = self._prepare(variant, params, task["seed"], "accuracy" in measure)
-
-        def call() -> torch.Tensor:
-            return inputs.call(impl.fn)
-
-        result: dict[str, Any] = {
-            "status": "ok",
-            "reason": "",
-            "threads_used": torch.get_num_threads(),
-            "source_file": inspect.getsourcefile(impl.fn),  # which tree's kernel was measured
-        }
-        started = time.perf_counter()
-        output = call()  # first call: never timed (lazy init, compilation, autotuning)
-        if params.device.startswith("cuda"):
-            torch.cuda.synchronize(params.device)
-        # What a user pays once per shape (compilation above all): reported, never mixed into time_s.
-        result["first_call_s"] = time.perf_counter() - started
-        if not isinstance(output, torch.Tensor):
-            return {"status": "error", "reason": f"returned {type(output).__name__}, expected a torch.Tensor"}
-        expected = tuple(inputs.args[0].shape)
-        if tuple(output.shape) != expected:
-            return {"status": "error", "reason": f"wrong output shape {tuple(output.shape)}, expected {expected}"}
-        if base is not None:
-            accuracy = base.judge(output)
-            result.update(accuracy.as_record())
-            if not accuracy.accurate:
-                result["reason"] = accuracy.reason
-        del output
-        if "memory" in measure:
-            result["peak_memory_bytes"] = peak_memory(call, params.device)
-        if "time" in measure:
-            stats = time_callable(call, TimingSettings(**task["timing"]), params.device)
-            spec = get_variant(variant)
-            result["time_s"] = stats.as_record()
-            result["tflops"] = spec.flops(params) / stats.median / 1e12
-            result["tokens_per_s"] = spec.tokens(params) / stats.median
-        return result
+    def run(self, request: Any, timeout_s: float, memory_limit: int | None) -> Any:
+        """The handler's reply to `request`, or an Outcome saying how the worker failed."""
+        if self._proc is None or not self._proc.is_alive():
+            failed = self._start()
+            if failed is not None:
+                return failed
+        self._conn.send(request)
+        started = time.monotonic()
+        while True:
+            if self._conn.poll(POLL_S):
+                try:
+                    reply, rss = self._conn.recv()
+                except (EOFError, OSError):
+                    pass  # the worker died while sending; fall through to the liveness check
+                else:
+                    return self._check_leak(reply, rss)
+            if not self._proc.is_alive():
+                code = self._proc.exitcode
+                self.stop(kill=True)
+                if code == -signal.SIGKILL:
+                    return Outcome.failure(Status.oom, "worker killed by SIGKILL (most likely the OOM killer)")
+                return Outcome.failure(Status.crash, f"worker died with {_signal_name(code)}")
+            if time.monotonic() - started > timeout_s:
+                self.stop(kill=True)
+                return Outcome.failure(Status.timeout, f"still running after the {timeout_s:g} s limit")
+            if memory_limit:
+                rss = _rss(self._proc.pid)
+                if rss > memory_limit:
+                    self.stop(kill=True)
+                    return Outcome.failure(
+                        Status.oom,
+                        f"worker memory reached {rss / 2**30:.2f} GiB, over the {memory_limit / 2**30:g} GiB limit",
+                    )
 
 
 class _MallInfo2(ctypes.Structure):
@@ -180,38 +194,26 @@ def settled_rss() -> int:
         return 0
 
 
-def names() -> dict[str, list[str]]:
-    from harness.variants import VARIANTS
-
-    return {variant: registry.names(variant) for variant in VARIANTS}
-
-
-def serve(conn: Any, tree: str | None = None) -> None:
-    """Worker main loop: receive a task, send back its result; None stops the worker.
+def serve(conn: Any, handler: Handler, on_start: Callable[[], None] | None = None, tree: str | None = None) -> None:
+    """Worker main loop: receive a request, send back (reply, malloc'd bytes); None stops the worker.
 
     `tree` is a source tree (e.g. a git worktree of another commit) whose `implementations`
     package this worker measures, with the parent's harness: the method of measuring stays the
     same on both sides of a comparison, only the kernels differ.
     """
     if tree is not None:
-        import sys
-
         sys.path.insert(0, tree)
         for name in [m for m in sys.modules if m == "implementations" or m.startswith("implementations.")]:
             del sys.modules[name]
-    runner = CaseRunner()
-    registry.load()
+    if on_start is not None:
+        on_start()
     conn.send({"ready": True, "rss": settled_rss()})
     while True:
         try:
-            task = conn.recv()
+            request = conn.recv()
         except EOFError:
             return
-        if task is None:
+        if request is None:
             return
-        if task.get("kind") == "names":
-            conn.send(names())
-            continue
-        result = runner.run_task(task) if task.get("kind") == "task" else runner.run(task)
-        result["worker_rss"] = settled_rss()
-        conn.send(result)
+        reply = handler(request)
+        conn.send((reply, settled_rss()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.checks import check_gate
 from harness.registry import register
 from harness.variants import GateWeights
 
@@ -23,7 +22,6 @@ def _conv1x1(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
 @register("naive", variants=("attention_gate",))
 def gate_naive(x: torch.Tensor, g: torch.Tensor, params: GateWeights) -> torch.Tensor:
     """As in the paper: separate 1x1 convolutions for g, x and ψ, each a full-size feature map."""
-    check_gate(x, g, params)
     theta = _conv1x1(g, params.w_g, params.b_g) + _conv1x1(x, params.w_x, params.b_x)
     alpha = torch.sigmoid(_conv1x1(torch.relu(theta), params.w_psi, params.b_psi))
     return x * alpha
@@ -40,7 +38,6 @@ def _gate_pixels(x: torch.Tensor, g: torch.Tensor, p: GateWeights) -> torch.Tens
 @register("fused", variants=("attention_gate",))
 def gate_fused(x: torch.Tensor, g: torch.Tensor, params: GateWeights) -> torch.Tensor:
     """Both projections accumulate into one buffer (bias fused into the GEMM), activations in place."""
-    check_gate(x, g, params)
     b, c, h, w = x.shape
     return _gate_pixels(x.reshape(b, c, h * w), g.reshape(b, g.shape[1], h * w), params).view(b, c, h, w)
 
@@ -48,7 +45,6 @@ def gate_fused(x: torch.Tensor, g: torch.Tensor, params: GateWeights) -> torch.T
 @register("chunked", variants=("attention_gate",))
 def gate_chunked(x: torch.Tensor, g: torch.Tensor, params: GateWeights) -> torch.Tensor:
     """Spatial tiles of PIXEL_TILE pixels: intermediate memory bounded whatever the image size."""
-    check_gate(x, g, params)
     b, c, h, w = x.shape
     xs, gs = x.reshape(b, c, h * w), g.reshape(b, g.shape[1], h * w)
     out = torch.empty_like(xs)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.checks import check_qkv
 from harness.registry import register
-from harness.variants import DOT_PRODUCT_VARIANTS, with_causal
+from harness.variants import DOT_PRODUCT_VARIANTS
+from implementations.masks import with_causal
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
 CHUNK_ELEMENTS = 1 << 22
@@ -23,7 +23,6 @@ def chunked(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Query chunks with an exact softmax each; causal chunks only read the keys they may see."""
-    check_qkv(q, k, v, mask)
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

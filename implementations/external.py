@@ -13,9 +13,9 @@ import importlib
 
 import torch
 
-from harness.checks import check_qkv
 from harness.registry import needs_cuda, register
-from harness.variants import DOT_PRODUCT_VARIANTS, with_causal
+from harness.variants import DOT_PRODUCT_VARIANTS
+from implementations.masks import with_causal
 
 FLASH_DTYPES = ("float16", "bfloat16")
 
@@ -64,7 +64,6 @@ def xformers_attention(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """xformers.ops.memory_efficient_attention (CUTLASS/flash dispatch chosen by xformers)."""
-    check_qkv(q, k, v, mask)
     import xformers.ops as xops
 
     batch, heads, n_q, _ = q.shape
@@ -101,7 +100,6 @@ def flash_attn(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash-attn's flash_attn_func (Tri Dao's CUDA kernels; float16/bfloat16, no arbitrary masks)."""
-    check_qkv(q, k, v, mask)
     if mask is not None:
         raise ValueError("flash_attn: flash_attn_func takes no attention mask (mask must be None)")
     if causal and q.shape[2] != k.shape[2]:

@@ -12,7 +12,6 @@ from collections import OrderedDict
 
 import torch
 
-from harness.checks import check_qkv
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.compiled import compile_static, compiler_available
@@ -66,7 +65,7 @@ def _block_mask(mask: torch.Tensor | None, causal: bool, shape: tuple[int, int, 
     return built
 
 
-@register("flex", variants=DOT_PRODUCT_VARIANTS, available=flex_available)
+@register("flex", variants=DOT_PRODUCT_VARIANTS, available=flex_available, compiles=True)
 def flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,7 +76,6 @@ def flex(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """torch flex_attention under torch.compile (block mask from causal/boolean masks, score_mod for additive)."""
-    check_qkv(q, k, v, mask)
     if flex_attention is None:
         raise RuntimeError(_IMPORT_ERROR)
     batch, heads, n_q, _ = q.shape

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from harness.checks import check_qkv
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 
@@ -99,24 +98,24 @@ def memory_efficient(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiled exact attention with an online (running max / log-sum-exp) softmax, O(N) extra memory."""
-    check_qkv(q, k, v, mask)
     out_dtype = q.dtype
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
 
-    qs = q.to(work) * (scale * LOG2E)
-    k_t = k.to(work).transpose(-2, -1)
-    v_ones = torch.cat([v.to(work), v.new_ones((*v.shape[:3], 1), dtype=work)], dim=-1)
-    out = torch.empty(q.shape, dtype=work, device=q.device)
+    qs = q.to(work) * (scale * LOG2E)  # (B, H, Nq, D), scores come out in base 2
+    k_t = k.to(work).transpose(-2, -1)  # (B, H, D, Nkv)
+    v_ones = torch.cat([v.to(work), v.new_ones((*v.shape[:3], 1), dtype=work)], dim=-1)  # (B, H, Nkv, D + 1)
+    out = torch.empty(q.shape, dtype=work, device=q.device)  # (B, H, Nq, D)
     if mask is None:
         # Without a mask, batch and heads are one axis: fewer, larger tiles.
         qs, k_t, v_ones, out = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_t, v_ones, out))
+        # (1, B·H, Nq, D), (1, B·H, D, Nkv), (1, B·H, Nkv, D + 1), (1, B·H, Nq, D)
     else:
-        mask = mask.expand(batch, heads, n_q, n_kv)
+        mask = mask.expand(batch, heads, n_q, n_kv)  # (B, H, Nq, Nkv), a view: no copy
     group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv)
-    scores_buffer = torch.empty(group * q_tile * k_tile, dtype=work, device=q.device)
+    scores_buffer = torch.empty(group * q_tile * k_tile, dtype=work, device=q.device)  # one (G, Tq, Tk) tile
 
     for b in range(qs.shape[0]):
         for h in range(0, qs.shape[1], group):
@@ -128,13 +127,14 @@ def memory_efficient(
                     if causal and j > i + n - 1:
                         break  # this and all later key tiles are fully masked for these rows
                     w = min(k_tile, n_kv - j)
-                    masks = [] if mask is None else [mask[b, hs, i : i + n, j : j + w]]
+                    masks = [] if mask is None else [mask[b, hs, i : i + n, j : j + w]]  # (G, n, w)
                     if causal and j + w - 1 > i:  # a tile on the diagonal
                         rows = torch.arange(i, i + n, device=q.device)[:, None]
-                        masks.append(torch.arange(j, j + w, device=q.device) <= rows)
+                        masks.append(torch.arange(j, j + w, device=q.device) <= rows)  # (n, w)
                     tiles.append((j, w, masks))
+                # q tile (G, n, D), all keys (G, D, Nkv) and values (G, Nkv, D + 1) of the head group
                 args = (qs[b, hs, i : i + n], k_t[b, hs], v_ones[b, hs], tiles, scores_buffer)
-                acc = _query_tile(*args, exact=False)
+                acc = _query_tile(*args, exact=False)  # (G, n, D + 1): unnormalised output | row sum
                 if acc is None:
                     acc = _query_tile(*args, exact=True)
                 # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.

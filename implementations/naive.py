@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.checks import check_qkv
 from harness.registry import register
-from harness.variants import DOT_PRODUCT_VARIANTS, with_causal
+from harness.variants import DOT_PRODUCT_VARIANTS
+from implementations.masks import with_causal
 
 
 @register("naive", variants=DOT_PRODUCT_VARIANTS)
@@ -20,7 +20,6 @@ def naive(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Textbook attention: the full (Nq, Nkv) score matrix, a softmax over it, a weighted sum of v."""
-    check_qkv(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
     mask = with_causal(mask, causal, q.shape[2], k.shape[2], q.device)

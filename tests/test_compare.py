@@ -135,3 +135,68 @@ def test_cli_compare_exits_1_only_on_a_regression(tmp_path, new_mean, code):
     )
     assert done.returncode == code, done.stderr
     assert (tmp_path / "pr.md").read_text().startswith("### Attention harness benchmark")
+
+
+def _gate_rounds(slowdown: float, seed: int, rounds: int = 15) -> tuple[dict, dict]:
+    """Paired rounds as the gate measures them: drift shared by both sides, 5% noise per measurement,
+    and now and then a round that a neighbour disturbed on one side only."""
+    rng = np.random.default_rng(seed)
+    drift = 1 + 0.3 * rng.random(rounds)
+    base = drift * rng.normal(1.0, 0.05, rounds)
+    new = drift * (1 + slowdown) * rng.normal(1.0, 0.05, rounds)
+    disturbed = rng.random(rounds) < 0.1
+    new[disturbed] *= 1.8
+    return record(base, rounds=base), record(new, rounds=new)
+
+
+def test_a_a_gates_with_known_noise_never_fail():
+    verdicts = [compare_case(*_gate_rounds(0.0, seed)) for seed in range(200)]
+    assert not any(c.regression for c in verdicts)
+
+
+def test_25_percent_slowdowns_with_known_noise_are_always_caught():
+    verdicts = [compare_case(*_gate_rounds(0.25, seed)) for seed in range(200)]
+    assert all(c.verdict == SLOWER for c in verdicts), [c.ci_low for c in verdicts if c.verdict != SLOWER]
+    assert all(1.15 < c.ratio < 1.4 for c in verdicts)  # the disturbed rounds may lift the median a little
+
+
+def test_differing_environments_are_stated_before_the_verdicts(tmp_path):
+    import json
+
+    _write(tmp_path / "a", [record(noisy(1.0, 0.01, 20, 11))])
+    _write(tmp_path / "b", [record(noisy(1.0, 0.01, 20, 12))])
+    (tmp_path / "a" / "env.json").write_text(json.dumps({"cpu": "AMD EPYC", "torch": "2.13.0", "gpus": []}))
+    (tmp_path / "b" / "env.json").write_text(json.dumps({"cpu": "AMD EPYC", "torch": "2.14.1", "gpus": []}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--markdown",
+            str(tmp_path / "pr.md"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "different environments" in done.stderr and "torch: '2.13.0' (base) vs '2.14.1' (new)" in done.stderr
+    assert "environments differ" in (tmp_path / "pr.md").read_text()
+
+
+def test_records_written_before_schema_versions_still_compare(tmp_path):
+    import json
+
+    old = {k: v for k, v in record(noisy(1.0, 0.01, 20, 13)).as_dict().items() if k != "schema_version"}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.jsonl").write_text(json.dumps(old) + "\n")
+    _write(tmp_path / "new", [record(noisy(1.3, 0.01, 20, 14))])
+    from harness.results import read_records
+
+    (loaded,) = read_records(tmp_path / "old")
+    assert loaded.schema_version == 1 and loaded.status == "ok"
+    (c,) = compare_runs(read_records(tmp_path / "old"), read_records(tmp_path / "new"))
+    assert c.verdict == SLOWER

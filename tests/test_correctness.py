@@ -45,8 +45,47 @@ def _dot_product_impls(dtype="float32", **case):
     return [i.name for i in registry.implementations("multi_head") if i.available("cpu", dtype, **case)[0]]
 
 
-@pytest.mark.parametrize("name", _dot_product_impls(causal=True, seq_len_kv=1))
-@pytest.mark.parametrize(("n_q", "n_kv"), [(40, 70), (70, 40), (1, 9)])
+def _inductor_cpu_isa() -> str:
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa())
+    except Exception:  # an old torch, or no compiler: flex is unavailable there anyway
+        return ""
+
+
+# torch 2.13's compiled flex_attention on CPU is wrong when inductor generates AVX2 code (not AVX512)
+# for causal attention with a short key sequence: the first query rows, those that see fewer keys than
+# a vector holds, come out as garbage or inf, and which values depends on what the process allocated
+# before (uninitialised lanes of the partial key block). Measured on this machine with
+# ATEN_CPU_CAPABILITY=avx2 and a fresh inductor cache: Nq/Nkv 70/40 wrong (row 1), 129/40 wrong (rows
+# 0-4); 70/64, 200/100, 70/128, 300/129 right; all right with AVX512 code. Minimal reproduction:
+#
+#   ATEN_CPU_CAPABILITY=avx2 python -c "
+#   import torch; from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+#   q, k, v = torch.randn(1, 1, 70, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+#   bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, 70, 40, device='cpu')
+#   out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm)
+#   ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+#   print((out - ref).abs().amax(dim=-1))"    # one of the first rows is far off
+#
+# The harness keeps measuring it and reports such cases as inaccurate (that is the truth a user needs);
+# the test expects the failure where torch produces it, and must pass wherever inductor emits AVX512.
+FLEX_SHORT_KEYS_AVX2 = pytest.mark.xfail(
+    "avx512" not in _inductor_cpu_isa(),
+    reason="torch's compiled CPU flex_attention is wrong for causal rows with few keys under AVX2 (see above)",
+    strict=False,
+)
+
+
+def _aligned_cases():
+    for name in _dot_product_impls(causal=True, seq_len_kv=1):
+        for n_q, n_kv in [(40, 70), (70, 40), (1, 9)]:
+            marks = [FLEX_SHORT_KEYS_AVX2] if name == "flex" and n_kv < 64 else []
+            yield pytest.param(name, n_q, n_kv, id=f"{n_q}-{n_kv}-{name}", marks=marks)
+
+
+@pytest.mark.parametrize(("name", "n_q", "n_kv"), _aligned_cases())
 def test_causal_with_unequal_lengths_is_aligned_top_left(name, n_q, n_kv):
     spec = VARIANTS["cross_attention"]
     inputs = spec.make_inputs(Params(batch=2, heads=2, seq_len=n_q, seq_len_kv=n_kv, head_dim=16), seed=1)

@@ -85,10 +85,11 @@ def test_resume_merges_records_that_jobs_wrote_after_the_parent_stopped(tmp_path
     first = run_suite(suite, tmp_path / "run")
     records = read_records(tmp_path / "run")
     # As if the parent died after recording the first case while a job had also finished the second.
-    (tmp_path / "run" / "results.jsonl").write_text(json.dumps(records[0]) + "\n")
+    (tmp_path / "run" / "results.jsonl").write_text(json.dumps(records[0].as_dict()) + "\n")
     shards = tmp_path / "run" / "shards"
     shards.mkdir()
-    (shards / "20260101T000000-000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn": ')
+    lines = "".join(json.dumps(r.as_dict()) + "\n" for r in records)
+    (shards / "20260101T000000-000.jsonl").write_text(lines + '{"torn": ')
     resumed = run_suite(suite, resume=tmp_path / "run")
     again = read_records(tmp_path / "run")
     assert [r["case_id"] for r in again] == [r["case_id"] for r in first.records]

@@ -105,3 +105,27 @@ def test_entry_point_plugins_register_their_implementations(plugin_on_path):
 def test_a_broken_plugin_is_reported_and_does_not_hide_the_others(plugin_on_path):
     assert "missing dependency xyz" in registry.load_errors()["broken"]
     assert "toy" in registry.names("multi_head")
+
+
+def test_every_dot_product_kernel_has_the_attention_kernel_signature():
+    from harness.registry import signature_problems
+    from harness.variants import DOT_PRODUCT_VARIANTS
+
+    problems = {
+        f"{impl.variant}/{impl.name}": signature_problems(impl.fn)
+        for variant in DOT_PRODUCT_VARIANTS
+        for impl in registry.implementations(variant)
+    }
+    assert problems and not any(problems.values()), {k: v for k, v in problems.items() if v}
+
+
+def test_the_signature_check_names_what_departs():
+    from harness.registry import signature_problems
+
+    def wrong(q, k, v, mask=None, *, causal):
+        return q
+
+    problems = signature_problems(wrong)
+    assert "no keyword-only parameter 'mask'" in problems
+    assert "keyword 'causal' has no default" in problems
+    assert "no keyword-only parameter 'scale'" in problems

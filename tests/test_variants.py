@@ -98,20 +98,20 @@ BAD_CALLS = {
 def test_bad_tensors_raise_a_value_error_naming_the_argument(name, bad):
     make, message = BAD_CALLS[bad]
     with pytest.raises(ValueError, match=message):
-        registry.get("multi_head", name).fn(*make(*_qkv()))
+        registry.get("multi_head", name)(*make(*_qkv()))
 
 
 @pytest.mark.parametrize("name", [i.name for i in registry.implementations("multi_head")])
 def test_masks_that_do_not_broadcast_are_refused(name):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="mask"):
-        registry.get("multi_head", name).fn(q, k, v, mask=torch.ones(7, 8, dtype=torch.bool))
+        registry.get("multi_head", name)(q, k, v, mask=torch.ones(7, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be bool"):
-        registry.get("multi_head", name).fn(q, k, v, mask=torch.ones(8, 8, dtype=torch.int64))
+        registry.get("multi_head", name)(q, k, v, mask=torch.ones(8, 8, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("name", registry.names("attention_gate"))
 def test_gate_refuses_mismatched_channels(name):
     x, g, w = VARIANTS["attention_gate"].make_inputs(Params(batch=1, seq_len=16, head_dim=4)).args
     with pytest.raises(ValueError, match="channels"):
-        registry.get("attention_gate", name).fn(x[:, :3], g, w)
+        registry.get("attention_gate", name)(x[:, :3], g, w)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from harness import registry
+from harness.results import TASK_CACHE
 
-DEFAULT_CACHE = Path("results") / "task-cache"
+DEFAULT_CACHE = TASK_CACHE
 
 
 class Attention:

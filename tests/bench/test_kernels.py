@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from harness import registry
+from harness.measure import prepare_case
 from harness.suite import expand, load_suite
-from harness.variants import VARIANTS
 
 SUITE = load_suite(Path(__file__).resolve().parents[2] / "suites" / "ci.yaml")
 CASES = [c for c in expand(SUITE) if not c.skip_reason]
@@ -28,14 +28,14 @@ def test_forward(benchmark, case):
     if not ok:
         pytest.skip(why)
     torch.set_num_threads(case.params.threads or torch.get_num_threads())
-    inputs = VARIANTS[case.variant].make_inputs(case.params, seed=SUITE.seed)
+    prepared = prepare_case(case, seed=SUITE.seed)
     benchmark.group = f"{case.variant} n={case.params.seq_len}"
     benchmark.extra_info.update(case.params.as_dict())
 
     def forward() -> torch.Tensor:
         with torch.inference_mode():
-            return inputs.call(impl.fn)
+            return prepared.call()
 
     out = benchmark(forward)
-    assert out.shape == inputs.args[0].shape
-    benchmark.extra_info["tflops"] = VARIANTS[case.variant].flops(case.params) / benchmark.stats.stats.median / 1e12
+    assert out.shape == prepared.inputs.args[0].shape
+    benchmark.extra_info["tflops"] = prepared.flops / benchmark.stats.stats.median / 1e12

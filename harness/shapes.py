@@ -1,0 +1,107 @@
+"""The case model without torch: a point of a sweep (`Params`), one measurement (`Case`), its id and
+its work (FLOPs, tokens).
+
+Suite validation, expansion, sharding, compare and the report all need these, and none of them
+should pay a torch import (several seconds) to answer "is this suite valid?".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class Params:
+    """One point of a sweep: the shape and placement of a case (the record's `params`)."""
+
+    batch: int = 1
+    heads: int = 1
+    seq_len: int = 128
+    seq_len_kv: int | None = None
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    causal: bool = False
+
+    @property
+    def kv_len(self) -> int:
+        return self.seq_len if self.seq_len_kv is None else self.seq_len_kv
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "heads": self.heads,
+            "seq_len": self.seq_len,
+            "seq_len_kv": self.seq_len_kv,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "device": self.device,
+            "threads": self.threads,
+            "causal": self.causal,
+        }
+
+
+# The sweep axes, in the order a case id and a sweep's product use them.
+PARAM_AXES: tuple[str, ...] = tuple(Params().as_dict())
+
+
+def case_id(variant: str, implementation: str, p: Params) -> str:
+    """Stable across runs: the same variant, implementation and params give the same id."""
+    kv = f"-kv{p.seq_len_kv}" if p.seq_len_kv is not None else ""
+    threads = f"-t{p.threads}" if p.threads is not None else ""
+    causal = "-causal" if p.causal else ""
+    shape = f"b{p.batch}-h{p.heads}-n{p.seq_len}{kv}-d{p.head_dim}"
+    return f"{variant}/{implementation}/{shape}-{p.dtype}-{p.device}{threads}{causal}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a variant, an implementation and a point of the sweep (or a task)."""
+
+    suite: str
+    variant: str
+    implementation: str
+    params: Params
+    skip_reason: str = ""
+    task: str = ""
+
+    @property
+    def case_id(self) -> str:
+        if self.task:
+            return f"task/{self.task}/{self.implementation}"
+        return case_id(self.variant, self.implementation, self.params)
+
+
+def dot_product_flops(p: Params) -> float:
+    """Two matmuls of 2·Nq·Nkv·D each per head; a causal mask skips half of the pairs."""
+    total = 4.0 * p.batch * p.heads * p.seq_len * p.kv_len * p.head_dim
+    return total / 2 if p.causal else total
+
+
+def gate_channels(p: Params) -> tuple[int, int, int]:
+    """(Cx, Cg, F_int) of an attention-gate case: head_dim is the channel count, F_int half of it."""
+    return p.head_dim, p.head_dim, max(1, p.head_dim // 2)
+
+
+def gate_flops(p: Params) -> float:
+    cx, cg, f_int = gate_channels(p)
+    pixels = p.batch * p.seq_len
+    convs = 2.0 * pixels * f_int * (cg + cx + 1)
+    pointwise = pixels * (2 * f_int + cx + 1)  # add + relu, the final multiply, the sigmoid
+    return convs + pointwise
+
+
+def gate_side(p: Params) -> int:
+    """The image side of an attention-gate case (seq_len is its pixel count)."""
+    return math.isqrt(p.seq_len)
+
+
+def tokens(p: Params) -> int:
+    """Query tokens (or pixels) one call processes: the unit of tokens_per_s."""
+    return p.batch * p.seq_len

@@ -1,0 +1,38 @@
+"""Mask helpers the kernels share: the causal mask (top-left, like torch's `is_causal`) and folding it
+into a user mask. The float64 reference (harness.variants) builds its own masks on purpose: the
+ground truth shares no code with the kernels it judges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(
+    n_q: int, n_kv: int, device: str | torch.device = "cpu", row_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (Nq, Nkv) mask, True = attend, aligned top-left like torch's ``is_causal``.
+
+    `row_ids` gives the absolute query positions when only some rows are computed.
+    """
+    rows = torch.arange(n_q, device=device) if row_ids is None else row_ids.to(device)
+    return torch.arange(n_kv, device=device)[None, :] <= rows[:, None]
+
+
+def with_causal(
+    mask: torch.Tensor | None,
+    causal: bool,
+    n_q: int,
+    n_kv: int,
+    device: torch.device,
+    row_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
+    if not causal:
+        return mask
+    tri = causal_mask(n_q, n_kv, device, row_ids)
+    if mask is None:
+        return tri
+    if mask.dtype == torch.bool:
+        return mask & tri
+    return mask.masked_fill(~tri, float("-inf"))
