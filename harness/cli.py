@@ -87,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         options=parse_options(args.executor_option),
     )
     console.print(summary_table(result.records))
+    if result.worker_starts is not None:
+        console.print(f"worker processes started: {result.worker_starts}", highlight=False)
     report = _write_report(result.out_dir)
     console.print(f"results: {result.out_dir}/" + (f"  report: {report}" if report else ""), highlight=False)
     if result.interrupted:

@@ -18,14 +18,15 @@ STATUS_STYLE = {"ok": "green", "skipped": "dim", "error": "red", "timeout": "mag
 
 
 # What the ETA assumes before the first case ends: one call's FLOP rate per device kind, the cost
-# of starting a case (worker round trip, inputs), and a first call that compiles (inductor, cold
-# cache: flex took 2-8 s per shape on a 2-core CPU). The ETA then learns the real pace.
-ASSUMED_FLOPS = {"cpu": 40e9, "cuda": 100e12}
+# of starting a case (worker round trip, inputs), and a first call that compiles (measured on a
+# 2-core EPYC: flex 4 s per shape with a cold inductor cache, 0.3 s warm; compiled.* 0.2-1 s). The
+# ETA then learns the real pace: main suite predicted 185 s, measured 156 s with a cold cache.
+ASSUMED_FLOPS = {"cpu": 100e9, "cuda": 100e12}
 CASE_OVERHEAD_S = 0.15
-COMPILE_S = 4.0
+COMPILE_S = 2.0
 # Seconds of prior belief in the prediction: the pace learned from finished cases takes over
 # gradually, so one fast or slow first case does not swing the ETA.
-PRIOR_S = 30.0
+PRIOR_S = 15.0
 
 
 def predicted_seconds(case: Case, timing: Timing) -> float:
@@ -40,9 +41,13 @@ def predicted_seconds(case: Case, timing: Timing) -> float:
     rate = ASSUMED_FLOPS["cuda" if case.params.device.startswith("cuda") else "cpu"]
     call = get_variant(case.variant).flops(case.params) / rate
     try:
-        compiles = registry.get(case.variant, case.implementation).compiles
+        impl = registry.get(case.variant, case.implementation)
     except Exception:  # a name only another tree has (the gate): no compile assumed
         compiles = False
+    else:
+        if not impl.available_for(case.params)[0]:
+            return CASE_OVERHEAD_S / 4  # the worker only says why not
+        compiles = impl.compiles
     first = COMPILE_S if compiles else call
     sampling = max(timing.min_time_s, timing.min_samples * max(call, timing.min_sample_time_s))
     timed = min(timing.max_time_s, sampling) + timing.warmup * call

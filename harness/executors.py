@@ -194,9 +194,10 @@ class LocalExecutor:
 
     def __init__(self, suite: Suite, on_start: Callable[[Case], None] | None = None) -> None:
         self.suite, self.on_start = suite, on_start
+        self.worker_starts = 0
 
     def run(self, cases: list[Case], emit: Emit) -> None:
-        measure_cases(self.suite, cases, emit, on_start=self.on_start)
+        self.worker_starts += measure_cases(self.suite, cases, emit, on_start=self.on_start)
 
 
 class _Distributed:

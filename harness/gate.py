@@ -66,7 +66,7 @@ def merge_rounds(first: Outcome, rounds: list[Outcome]) -> Outcome:
         return first
     fields = first.fields
     samples = [s for r in rounds for s in r.fields["time_s"]["samples"]]
-    timing = TimingStats.from_samples(samples).as_record()
+    timing = TimingStats.from_samples(samples, mode=rounds[0].fields["time_s"].get("mode", "events")).as_record()
     timing["round_medians"] = [r.fields["time_s"]["median"] for r in rounds]
     fields["time_s"] = timing
     one = rounds[0].fields

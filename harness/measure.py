@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.results import TASK_CACHE, Outcome, Record, Status, new_record
 from harness.shapes import Case, Params
 from harness.suite.schema import Limits, Timing
+from harness.worker import LEAK_LIMIT_BYTES, Worker, settled_rss
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +187,7 @@ class CaseRunner:
 
         from harness import registry
         from harness.memory import peak_memory
-        from harness.timing import time_callable
+        from harness.timing import CaptureError, mode_refusal, time_callable
 
         params = Params(**request.params)
         measure = set(request.measure)
@@ -198,6 +199,9 @@ class CaseRunner:
         ok, why = impl.available_for(params)
         if not ok:
             return Outcome.failure(Status.skipped, why)
+        refusal = mode_refusal(request.timing.mode, params.device) if "time" in measure else ""
+        if refusal:
+            return Outcome.failure(Status.skipped, refusal)
         if request.cpus and hasattr(os, "sched_setaffinity"):
             # On a shared VM one core can be slower than another for minutes; that must fall on both
             # sides of an A/B pair.
@@ -218,6 +222,9 @@ class CaseRunner:
             torch.cuda.synchronize(params.device)
         # What a user pays once per shape (compilation above all): reported, never mixed into time_s.
         result["first_call_s"] = time.perf_counter() - started
+        # Memory held after the first call is the kernel's one-time set-up (CUDA context, handles,
+        # compiled code, caches); what the process gains after it, over many calls, is a leak.
+        settled = settled_rss()
         if not isinstance(output, torch.Tensor):
             return Outcome.failure(Status.error, f"returned {type(output).__name__}, expected a torch.Tensor")
         expected = tuple(inputs.args[0].shape)
@@ -232,10 +239,24 @@ class CaseRunner:
         if "memory" in measure:
             result["peak_memory_bytes"] = peak_memory(case.call, params.device)
         if "time" in measure:
-            stats = time_callable(case.call, request.timing, params.device)
+            try:
+                stats = time_callable(case.call, request.timing, params.device)
+            except CaptureError as exc:  # refused, not replaced by another mode
+                return Outcome.failure(Status.skipped, f"timing mode cudagraph: the kernel {exc}")
             result["time_s"] = stats.as_record()
             result["tflops"] = case.flops / stats.median / 1e12
             result["tokens_per_s"] = case.tokens / stats.median
+            if params.device.startswith("cuda"):
+                from harness.gpu import sm_clock_mhz
+
+                result["gpu_clock_mhz"] = sm_clock_mhz(params.device)  # right after timing: throttling shows
+        grown = settled_rss() - settled
+        if grown > LEAK_LIMIT_BYTES:
+            # The worker ends after this reply (harness.worker replaces a worker whose reply says so).
+            result["leak_note"] = (
+                f"the worker held {grown / 2**20:.0f} MiB more (malloc in use) after this case's calls than "
+                "after its first call; worker replaced"
+            )
         return Outcome(status=Status.ok, reason=reason, **result)
 
 
@@ -392,10 +413,8 @@ def records_of(suite: str, case: Case, outcome: Outcome) -> list[Record]:
     ]
 
 
-def new_worker(tree: str | Path | None = None):
+def new_worker(tree: str | Path | None = None) -> Worker:
     """A worker process (started on first use) that measures with this module's handler."""
-    from harness.worker import Worker
-
     return Worker(handle, start_worker, tree=tree)
 
 
@@ -422,8 +441,11 @@ def measure_cases(
     cases: list[Case],
     emit: Callable[[Case, list[Record]], None],
     on_start: Callable[[Case], None] | None = None,
-) -> None:
-    """Measure `cases` one after another in a worker process, handing each case's records to `emit`."""
+) -> int:
+    """Measure `cases` one after another in a worker process, handing each case's records to `emit`.
+
+    Returns how many worker processes it started (1 unless a case crashed, hung or leaked).
+    """
     worker = new_worker()
     interrupted = False
     try:
@@ -437,3 +459,4 @@ def measure_cases(
         raise
     finally:
         worker.stop(kill=interrupted)
+    return worker.starts

@@ -130,6 +130,7 @@ class Record(BaseModel):
     threads_used: int | None = None
     source_file: str | None = None
     leak_note: str | None = None
+    gpu_clock_mhz: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -354,6 +355,7 @@ def environment() -> dict:
     import torch
 
     import harness
+    from harness.gpu import gpu_state
 
     env = {
         "harness_version": harness.__version__,
@@ -369,6 +371,7 @@ def environment() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        "gpu_state": gpu_state(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

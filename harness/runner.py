@@ -41,6 +41,7 @@ class RunResult:
     out_dir: Path
     records: list[Record] = field(default_factory=list)
     interrupted: bool = False
+    worker_starts: int | None = None  # local runs: worker processes started (1 unless cases crashed or leaked)
 
     @property
     def failed(self) -> list[Record]:
@@ -105,6 +106,7 @@ def run_suite(
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
+            result.worker_starts = getattr(engine, "worker_starts", None)
             if progress is not None:
                 progress.stop()
         write_csv(result.records, out / "results.csv")

@@ -10,10 +10,13 @@ registry loads: importing them pulls in triton and CUDA libraries. Install them 
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable
 
 import torch
 
-from harness.registry import needs_cuda, register
+from harness import registry
+from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import with_causal
 
@@ -32,19 +35,46 @@ def _installed(package: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _check(package: str, dtypes: tuple[str, ...] | None = None):
+_PROBES: dict[tuple, tuple[bool, str]] = {}
+
+
+def _probe(package: str, kernel: Callable, device: str, dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """Run the adapter once on a tiny input of this device, dtype and head_dim; cache the answer.
+
+    A package can import and still be unable to run (an xformers wheel built for another torch imports,
+    then fails to load its CUDA ops): only a call tells, and the package's own words are the reason.
+    """
+    key = (package, id(sys.modules.get(package)), device, dtype, head_dim, causal)
+    if key not in _PROBES:
+        torch_type = getattr(torch, dtype)
+        q, k, v = (torch.randn(1, 2, 16, head_dim, device=device, dtype=torch_type) for _ in range(3))
+        try:
+            kernel()(q, k, v, causal=causal)
+            _PROBES[key] = (True, "")
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            words = lines[0][:300] if lines else type(exc).__name__
+            _PROBES[key] = (False, f"{package} imports but cannot run on {device}/{dtype}: {words}")
+    return _PROBES[key]
+
+
+def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...] | None = None):
     def check(device: str | None = None, dtype: str | None = None, **case: object) -> tuple[bool, str]:
         ok, why = _installed(package)
         if not ok:
             return ok, why
-        ok, why = needs_cuda(device)
+        ok, why = registry.needs_cuda(device)
         if not ok:
             return ok, why
         if dtypes and dtype is not None and dtype not in dtypes:
             return False, f"{package} supports {', '.join(dtypes)} only, not {dtype}"
         if package == "flash_attn" and case.get("causal") and case.get("seq_len_kv") not in (None, case.get("seq_len")):
             return False, "flash_attn aligns causal masks bottom-right when Nq != Nkv; the harness means top-left"
-        return True, ""
+        if device is None:  # "in general": try the device this machine has, in a dtype every package takes
+            device, dtype = "cuda", "float16"
+        return _probe(
+            package, kernel, str(device), dtype or "float16", int(case.get("head_dim") or 64), bool(case.get("causal"))
+        )
 
     return check
 
@@ -53,7 +83,7 @@ def _bhnd_to_bnhd(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.transpose(1, 2) for t in tensors]
 
 
-@register("xformers", variants=DOT_PRODUCT_VARIANTS, available=_check("xformers"))
+@register("xformers", variants=DOT_PRODUCT_VARIANTS, available=_check("xformers", lambda: xformers_attention))
 def xformers_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,7 +119,7 @@ def xformers_attention(
     return out
 
 
-@register("flash_attn", variants=DOT_PRODUCT_VARIANTS, available=_check("flash_attn", FLASH_DTYPES))
+@register("flash_attn", variants=DOT_PRODUCT_VARIANTS, available=_check("flash_attn", lambda: flash_attn, FLASH_DTYPES))
 def flash_attn(
     q: torch.Tensor,
     k: torch.Tensor,

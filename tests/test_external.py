@@ -131,3 +131,24 @@ def test_installed_external_kernels_still_need_cuda(fake_packages):
     for name in ("xformers", "flash_attn"):
         ok, why = registry.get("multi_head", name).available("cpu", "float16")
         assert not ok and "CUDA only" in why
+
+
+def test_a_package_that_imports_but_cannot_run_is_unavailable_in_its_own_words(monkeypatch):
+    # As an xformers wheel built for another torch: the import works, the first call fails.
+    package, ops = _fake_xformers()
+    message = "xFormers was built for PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu130)"
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError(message + "\n  Memory-efficient attention, SwiGLU, ... won't be available.")
+
+    ops.memory_efficient_attention = broken
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(registry, "needs_cuda", lambda device=None, **_: (True, ""))  # as on a GPU machine
+    ok, why = registry.get("multi_head", "xformers").available("cpu", "float32", head_dim=64)
+    assert not ok and message in why and "imports but cannot run" in why
+
+
+def test_a_package_that_runs_is_available_after_its_probe(fake_packages, monkeypatch):
+    monkeypatch.setattr(registry, "needs_cuda", lambda device=None, **_: (True, ""))
+    assert registry.get("multi_head", "xformers").available("cpu", "float32", head_dim=32) == (True, "")

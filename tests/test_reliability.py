@@ -190,3 +190,44 @@ def test_a_report_of_10000_records_is_written(tmp_path):
             )
     html = write_report(tmp_path / "big").read_text()
     assert html.count("<tr>") > 10_000
+
+
+def _requests(name: str, lengths: list[int]):
+    from harness.measure import CaseRequest
+    from harness.suite.schema import Timing
+
+    timing = Timing(warmup=1, min_time_s=0.01, min_samples=8, max_time_s=5, min_sample_time_s=0)
+    params = {"batch": 1, "heads": 2, "head_dim": 16, "threads": 1}
+    return [
+        CaseRequest(variant="multi_head", implementation=name, params=params | {"seq_len": n}, timing=timing)
+        for n in lengths
+    ]
+
+
+@pytest.mark.slow
+def test_a_one_time_600_mib_cache_keeps_its_worker(faulty_plugins):
+    from harness.measure import new_worker
+
+    worker = new_worker()
+    try:
+        replies = [worker.run(r, timeout_s=120, memory_limit=None) for r in _requests("caches_once", [16, 32, 48])]
+        assert [r.status for r in replies] == ["ok"] * 3, [r.reason for r in replies]
+        assert not any(r.fields.get("leak_note") for r in replies)
+        assert worker.starts == 1
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_kernel_that_leaks_100_mib_per_call_is_replaced_after_its_own_case(faulty_plugins):
+    from harness.measure import new_worker
+
+    worker = new_worker()
+    try:
+        leaky, after = _requests("leaks_100mib", [16])[0], _requests("caches_once", [16])[0]
+        reply = worker.run(leaky, timeout_s=120, memory_limit=None)
+        assert reply.status == "ok" and "worker replaced" in reply.fields["leak_note"]
+        assert worker.run(after, timeout_s=120, memory_limit=None).status == "ok"
+        assert worker.starts == 2  # the case after the leak ran in a fresh process
+    finally:
+        worker.stop()

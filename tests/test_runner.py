@@ -210,3 +210,54 @@ def test_large_half_precision_cpu_cases_are_skipped_where_the_cpu_would_emulate_
     assert measure.skip_reason(small) == ""  # small emulated cases still say how accurate bf16 is
     monkeypatch.setattr(measure, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert measure.skip_reason(big) == ""
+
+
+def test_a_timing_mode_that_cannot_apply_on_cpu_is_refused_with_its_reason(tmp_path):
+    suite = parse_text(
+        suite_text(["naive"], "", seq_len="[32]").replace(
+            "min_sample_time_s: 0}", "min_sample_time_s: 0, mode: cudagraph}"
+        )
+    )
+    (record,) = run_suite(suite, tmp_path / "run").records
+    assert record["status"] == "skipped" and "timing mode 'cudagraph' needs a CUDA device" in record["reason"]
+
+
+def test_an_unknown_timing_mode_is_an_input_error():
+    with pytest.raises(InputError, match="'events', 'cudagraph' or 'profiler'"):
+        parse_text(suite_text(["naive"]).replace("min_sample_time_s: 0}", "min_sample_time_s: 0, mode: graphs}"))
+
+
+def test_cpu_timings_say_they_are_wall_clock(tmp_path):
+    (record,) = run_suite(parse_text(suite_text(["naive"])), tmp_path / "run").records
+    assert record["time_s"]["mode"] == "wall"
+
+
+def test_the_eta_is_the_predicted_time_before_any_case_ends():
+    from rich.console import Console
+
+    from harness.console import RunProgress, predicted_seconds
+    from harness.suite import expand
+
+    suite = parse_text(suite_text(["naive", "sdpa", "sdpa.cudnn"], seq_len="[32, 512]"))
+    cases = expand(suite)
+    progress = RunProgress(Console(file=open(os.devnull, "w"), width=200))  # noqa: SIM115
+    progress.start(cases, timing=suite.timing)
+    try:
+        predicted = sum(predicted_seconds(c, suite.timing) for c in cases)
+        task = progress._progress.tasks[0]
+        assert task.total == pytest.approx(predicted)
+        shown = progress._progress.columns[4].render(task).plain
+        minutes, seconds = map(int, shown.removeprefix("eta ").split(":"))
+        assert abs(minutes * 60 + seconds - predicted) <= 1  # a number at once, not "-:--:--"
+        # An unavailable case (no cuDNN on a CPU) costs next to nothing; a bigger shape costs more.
+        costs = {c.case_id: predicted_seconds(c, suite.timing) for c in cases}
+        cudnn = [v for k, v in costs.items() if "sdpa.cudnn" in k]
+        naive = [v for k, v in costs.items() if "/naive/" in k]
+        assert max(cudnn) < min(naive) and naive[0] < naive[1]
+    finally:
+        progress.stop()
+
+
+def test_a_clean_local_run_starts_one_worker(tmp_path):
+    result = run_suite(parse_text(suite_text(["naive", "sdpa"], seq_len="[16, 32]")), tmp_path / "run")
+    assert len(result.records) == 4 and result.worker_starts == 1

@@ -1,108 +1,167 @@
-"""Issue 8's GPU checks in one command, for a machine with an NVIDIA GPU.
+"""The GPU checks in one command, for a machine with an NVIDIA GPU.
 
-1. Timing: the harness's CUDA timing (events, L2 flushed) against triton.testing.do_bench on the
-   same kernels and inputs, interleaved over rounds in one process; the medians must agree within
-   5%.
+1. Timing: the harness's CUDA timing against triton.testing on the same kernels and inputs,
+   interleaved over rounds in one process: `events` mode against `do_bench`, `cudagraph` mode
+   against `do_bench_cudagraph`. The medians must agree within 5% at N=1024 and 4096.
 2. Throughput: TFLOP/s of every available implementation at multi_head B=4, H=16, N=4096, D=128
    (bfloat16, the shape of flash-attention's published H100 benchmarks); pass --published-tflops
-   with the figure you compare sdpa.flash against (from the paper or vendor page for your GPU).
+   with the figure you compare sdpa.flash against.
 3. Memory: the harness's CUDA peak against what each kernel must allocate: naive holds B*H*N^2
    scores twice (scores and softmax), so its peak / (B*H*N^2*itemsize) must lie in [2, 4); O(N)
-   kernels (sdpa.flash, sdpa.efficient, memory_efficient, flash_attn, xformers) must grow by less
-   than 2.5x when N doubles, naive by more than 3.5x.
+   kernels must grow by less than 2.5x when N doubles, naive by more than 3.5x.
 
-Exit 0 when every check passes, 1 when one fails, 2 without a CUDA device (or triton).
+An implementation that fails is a row with its reason, and the check goes on. With --reference,
+the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head and causal in bfloat16)
+into results/reference/<gpu>-<date>/, with this check's output beside them. Exit 0 when every check
+passes, 1 when one fails, 2 without a CUDA device (or triton).
 
-    python tools/gpu_check.py [--rounds 5] [--published-tflops 335]
-Then keep a reference run:
-    python -m harness run suites/self_attn_cuda.yaml --out results/reference/self_attn_cuda
+    python tools/gpu_check.py [--rounds 3] [--published-tflops 335] [--reference]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
+import subprocess
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from harness import registry
-from harness.memory import peak_cuda
-from harness.timing import TimingSettings, time_cuda
-from harness.variants import VARIANTS, Params
-
-O_N = ("sdpa.flash", "sdpa.efficient", "memory_efficient", "flash_attn", "xformers")
+O_N = ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "memory_efficient", "flash_attn", "xformers", "flex")
+REFERENCE_SUITES = ("suites/self_attn_cuda.yaml", "suites/multi_head_cuda.yaml", "suites/causal_cuda.yaml")
 
 
-def _available(dtype: str, **case) -> list[str]:
+@dataclass
+class Row:
+    """One implementation's line of a check: its figures, or why it has none."""
+
+    name: str
+    value: Any = None
+    error: str = ""
+
+
+def each(names: Iterable[str], measure: Callable[[str], Any]) -> Iterator[Row]:
+    """`measure(name)` for every name; an implementation that raises is a row with its reason."""
+    for name in names:
+        try:
+            yield Row(name, measure(name))
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            yield Row(name, error=f"{type(exc).__name__}: {lines[0][:160] if lines else ''}")
+
+
+def _available(dtype: str, **case: Any) -> list[str]:
+    from harness import registry
+
     return [i.name for i in registry.implementations("multi_head") if i.available("cuda", dtype, **case)[0]]
 
 
-def _inputs(n: int, dtype: str, batch: int = 4, heads: int = 16, head_dim: int = 128):
+def _prepared(name: str, n: int, dtype: str, batch: int = 4, heads: int = 16, head_dim: int = 128):
+    from harness.measure import prepare
+    from harness.shapes import Params
+
     params = Params(batch=batch, heads=heads, seq_len=n, head_dim=head_dim, dtype=dtype, device="cuda")
-    return params, VARIANTS["multi_head"].make_inputs(params, seed=0)
+    return prepare("multi_head", name, params)
 
 
 def check_timing(rounds: int, dtype: str) -> bool:
-    from triton.testing import do_bench
+    import torch
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    ok = True
+    from harness.timing import TimingSettings, time_cuda, time_cudagraph
+
     settings = TimingSettings(warmup=5, min_time_s=0.3, min_samples=20, max_time_s=3.0)
-    print(f"{'implementation':26s} {'N':>6s} {'harness ms':>11s} {'do_bench ms':>12s} {'ratio':>6s}")
+    ok = True
+    modes = (
+        ("events", time_cuda, lambda f: do_bench(f, warmup=25, rep=300, return_mode="median")),
+        ("cudagraph", time_cudagraph, lambda f: do_bench_cudagraph(f, rep=300, return_mode="median")),
+    )
+    print(f"{'implementation':26s} {'N':>6s} {'mode':>9s} {'harness ms':>11s} {'triton ms':>10s} {'ratio':>6s}")
     for n in (1024, 4096):
-        _, inputs = _inputs(n, dtype)
-        for name in _available(dtype, head_dim=128):
-            fn = registry.get("multi_head", name).fn
+        for mode, ours_timer, theirs_timer in modes:
 
-            def call(fn=fn, inputs=inputs):
-                return inputs.call(fn)
+            def measure(name: str, n: int = n, ours_timer=ours_timer, theirs_timer=theirs_timer) -> tuple:
+                case = _prepared(name, n, dtype)
+                ours, theirs = [], []
+                with torch.inference_mode():
+                    case.call()  # compile / autotune outside both timings
+                    for _ in range(rounds):
+                        ours.append(ours_timer(case.call, settings).median * 1e3)
+                        theirs.append(theirs_timer(case.call))
+                return statistics.median(ours), statistics.median(theirs)
 
-            ours, theirs = [], []
-            with torch.inference_mode():
-                call()  # compile / autotune outside both timings
-                for _ in range(rounds):
-                    ours.append(time_cuda(call, settings).median * 1e3)
-                    theirs.append(do_bench(call, warmup=25, rep=300, return_mode="median"))
-            ratio = statistics.median(ours) / statistics.median(theirs)
-            bad = abs(ratio - 1) > 0.05
-            ok &= not bad
-            print(
-                f"{name:26s} {n:6d} {statistics.median(ours):11.3f} {statistics.median(theirs):12.3f} "
-                f"{ratio:6.3f}{'  <-- more than 5% apart' if bad else ''}"
-            )
+            for row in each(_available(dtype, head_dim=128), measure):
+                if row.error:
+                    print(f"{row.name:26s} {n:6d} {mode:>9s}  failed: {row.error}")
+                    continue
+                ours, theirs = row.value
+                ratio = ours / theirs
+                bad = abs(ratio - 1) > 0.05
+                ok &= not bad
+                flag = "  <-- more than 5% apart" if bad else ""
+                print(f"{row.name:26s} {n:6d} {mode:>9s} {ours:11.4f} {theirs:10.4f} {ratio:6.3f}{flag}")
     return ok
 
 
 def report_tflops(dtype: str, published: float | None) -> None:
-    params, inputs = _inputs(4096, dtype)
-    flops = VARIANTS["multi_head"].flops(params)
+    import torch
+
+    from harness.timing import TimingSettings, time_cuda
+
     settings = TimingSettings(warmup=5, min_time_s=0.5, min_samples=20, max_time_s=5.0)
     print(f"\nmulti_head {dtype} B=4 H=16 N=4096 D=128 on {torch.cuda.get_device_name()}")
-    for name in _available(dtype, head_dim=128):
-        fn = registry.get("multi_head", name).fn
+
+    def measure(name: str) -> tuple[float, float]:
+        case = _prepared(name, 4096, dtype)
         with torch.inference_mode():
-            inputs.call(fn)
-            median = time_cuda(lambda fn=fn: inputs.call(fn), settings).median
-        tflops = flops / median / 1e12
+            case.call()
+            median = time_cuda(case.call, settings).median
+        return median, case.flops / median / 1e12
+
+    for row in each(_available(dtype, head_dim=128), measure):
+        if row.error:
+            print(f"  {row.name:26s} failed: {row.error}")
+            continue
+        median, tflops = row.value
         versus = (
-            f"  ({tflops / published:.2f} of the published {published:g})" if published and name == "sdpa.flash" else ""
+            f"  ({tflops / published:.2f} of the published {published:g})"
+            if published and row.name == "sdpa.flash"
+            else ""
         )
-        print(f"  {name:26s} {median * 1e3:9.3f} ms {tflops:8.1f} TFLOP/s{versus}")
+        print(f"  {row.name:26s} {median * 1e3:9.3f} ms {tflops:8.1f} TFLOP/s{versus}")
 
 
 def check_memory(dtype: str) -> bool:
+    import torch
+
+    from harness.memory import peak_cuda
+
     ok = True
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     peaks: dict[str, dict[int, int]] = {}
     for n in (2048, 4096):
-        params, inputs = _inputs(n, dtype, batch=1, heads=8)
-        for name in _available(dtype, head_dim=128):
-            fn = registry.get("multi_head", name).fn
+
+        def measure(name: str, n: int = n) -> int:
+            case = _prepared(name, n, dtype, batch=1, heads=8)
             with torch.inference_mode():
-                inputs.call(fn)
-                peaks.setdefault(name, {})[n] = peak_cuda(lambda fn=fn, inputs=inputs: inputs.call(fn))
-        scores = params.batch * params.heads * n * n * itemsize
-        if "naive" in peaks:
+                case.call()
+                return peak_cuda(case.call)
+
+        for row in each(_available(dtype, head_dim=128), measure):
+            if row.error:
+                print(f"  {row.name:26s} N={n} failed: {row.error}")
+            else:
+                peaks.setdefault(row.name, {})[n] = row.value
+        scores = 8 * n * n * itemsize
+        if n in peaks.get("naive", {}):
             share = peaks["naive"][n] / scores
             good = 2 <= share < 4
             ok &= good
@@ -110,20 +169,44 @@ def check_memory(dtype: str) -> bool:
                 f"naive N={n}: peak {peaks['naive'][n] / 2**20:.1f} MiB = {share:.2f} x scores{'' if good else '  <--'}"
             )
     for name, by_n in sorted(peaks.items()):
+        if len(by_n) < 2:
+            continue
         growth = by_n[4096] / max(1, by_n[2048])
         good = growth < 2.5 if name in O_N else (growth > 3.5 if name == "naive" else True)
         ok &= good
-        flag = "" if good else "  <--"
-        print(f"  {name:26s} {by_n[2048] / 2**20:9.1f} -> {by_n[4096] / 2**20:9.1f} MiB (x{growth:.2f}){flag}")
+        print(
+            f"  {name:26s} {by_n[2048] / 2**20:9.1f} -> {by_n[4096] / 2**20:9.1f} MiB (x{growth:.2f})"
+            f"{'' if good else '  <--'}"
+        )
     return ok
+
+
+def reference_dir() -> Path:
+    import torch
+
+    gpu = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
+    return ROOT / "results" / "reference" / f"{gpu}-{datetime.now(timezone.utc):%Y-%m-%d}"
+
+
+def run_reference(out: Path) -> int:
+    """The reference sweeps, each into its own run folder under `out` (records, env.json, report)."""
+    worst = 0
+    for suite in REFERENCE_SUITES:
+        name = Path(suite).stem
+        done = subprocess.run([sys.executable, "-m", "harness", "run", suite, "--out", str(out / name)], cwd=ROOT)
+        worst = max(worst, done.returncode)
+    return worst
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--published-tflops", type=float, help="the published sdpa/flash TFLOP/s for this GPU")
+    parser.add_argument("--reference", action="store_true", help="then run the reference sweeps into results/reference")
     args = parser.parse_args()
+    import torch
+
     if not torch.cuda.is_available():
         print("tools/gpu_check.py needs a CUDA device; this machine has none", file=sys.stderr)
         return 2
@@ -132,10 +215,35 @@ def main() -> int:
     except ImportError:
         print("tools/gpu_check.py needs triton (pip install -e '.[gpu]')", file=sys.stderr)
         return 2
-    timing_ok = check_timing(args.rounds, args.dtype)
-    report_tflops(args.dtype, args.published_tflops)
-    memory_ok = check_memory(args.dtype)
-    return 0 if timing_ok and memory_ok else 1
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(Tee(sys.stdout, captured)):
+        timing_ok = check_timing(args.rounds, args.dtype)
+        report_tflops(args.dtype, args.published_tflops)
+        memory_ok = check_memory(args.dtype)
+    code = 0 if timing_ok and memory_ok else 1
+    if args.reference:
+        out = reference_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.txt").write_text(captured.getvalue())
+        code = max(code, run_reference(out))
+        print(f"reference runs: {out}")
+    return code
+
+
+class Tee(io.TextIOBase):
+    """Writes to several streams: the console and the copy kept beside the reference runs."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
 
 
 if __name__ == "__main__":

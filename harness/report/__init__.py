@@ -36,6 +36,7 @@ TABLE_COLUMNS = [
     "tflops",
     "tokens_per_s",
     "first_call_s",
+    "gpu_clock_mhz",
     "peak_memory_bytes",
     "max_abs_err",
     "tolerance",
@@ -148,7 +149,8 @@ def write_report(run_dir: str | Path) -> Path:
         task_figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in task_figures],
         best=best_per_shape(kernel_frame) if len(kernel_frame) else [],
         failures=failures,
-        columns=TABLE_COLUMNS,
+        # The SM clock column only where a GPU ran something.
+        columns=[c for c in TABLE_COLUMNS if c != "gpu_clock_mhz" or "gpu_clock_mhz" in frame],
         table=table,
         tasks=tasks,
         profiles=profiles,

@@ -67,6 +67,8 @@ class Timing(_Strict):
     max_time_s: float = Field(default=10.0, gt=0, le=3600)
     min_sample_time_s: float = Field(default=0.002, ge=0, le=10)
     flush_l2: bool = True
+    # CUDA only: events (default), cudagraph or profiler (harness.timing); CPU cases time wall clock.
+    mode: Literal["events", "cudagraph", "profiler"] = "events"
 
     @model_validator(mode="after")
     def _consistent(self) -> Timing:

@@ -92,3 +92,21 @@ def leaks(q, k, v, *, causal=False, scale=None, mask=None):
     """Keeps 128 MiB alive after every call: memory the worker never gets back."""
     _LEAKED.append(torch.ones(1 << 25))
     return naive(q, k, v, causal=causal, scale=scale, mask=mask)
+
+
+_CACHE: dict = {}
+
+
+@register("caches_once", variants=("multi_head",))
+def caches_once(q, k, v, *, causal=False, scale=None, mask=None):
+    """Builds a 600 MiB table on its first call and reuses it, as a CUDA context or a kernel cache does."""
+    if "table" not in _CACHE:
+        _CACHE["table"] = torch.ones((600 << 20) // 4)
+    return naive(q, k, v, causal=causal, scale=scale, mask=mask)
+
+
+@register("leaks_100mib", variants=("multi_head",))
+def leaks_100mib(q, k, v, *, causal=False, scale=None, mask=None):
+    """Keeps 100 MiB alive after every call."""
+    _LEAKED.append(torch.ones((100 << 20) // 4))
+    return naive(q, k, v, causal=causal, scale=scale, mask=mask)
