@@ -213,6 +213,46 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ceilings(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from harness.ceilings import ceilings_for, cross_check
+
+    if not args.device.startswith("cuda") and args.device != "cpu":
+        raise InputError(f"--device {args.device!r}: allowed values are cpu, cuda, cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: this machine has no CUDA device")
+    ceilings, path = ceilings_for(args.device, args.threads, refresh=True)
+    checked = cross_check(ceilings) if args.cross_check else {}
+    table = Table(
+        title=f"ceilings of {ceilings.machine} ({args.device}, {args.threads or 'default'} threads)",
+        title_justify="left",
+    )
+    for column in ("what", "peak", "how it was measured", "torch.utils.benchmark"):
+        table.add_column(column, justify="right" if column in ("peak", "torch.utils.benchmark") else "left")
+    for dtype, flops in ceilings.flops.items():
+        other = checked.get(f"matmul_{dtype}")
+        table.add_row(
+            f"matmul {dtype}",
+            f"{flops / 1e9:,.1f} GFLOP/s",
+            ceilings.method[f"matmul_{dtype}"],
+            "" if other is None else f"{other / 1e9:,.1f} GFLOP/s",
+        )
+    other = checked.get("bandwidth")
+    table.add_row(
+        "memory bandwidth",
+        f"{ceilings.bandwidth / 1e9:,.1f} GB/s",
+        ceilings.method["bandwidth"],
+        "" if other is None else f"{other / 1e9:,.1f} GB/s",
+    )
+    console.print(table)
+    console.print(f"saved: {path} (runs use it for every case on this device and thread count)", highlight=False)
+    return 0
+
+
 def _verdict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
     p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
@@ -279,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder for traces and profile.json (a run folder puts them in its report)")
     p.set_defaults(func=cmd_profile)
+
+    p = verbs.add_parser("ceilings", help="measure this machine's matmul and bandwidth ceilings (the roofline)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's); suites use 2")
+    p.add_argument(
+        "--no-cross-check",
+        dest="cross_check",
+        action="store_false",
+        help="skip timing the same GEMM and copy with torch.utils.benchmark beside them",
+    )
+    p.set_defaults(func=cmd_ceilings)
     return parser
 
 

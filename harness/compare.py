@@ -50,6 +50,8 @@ class Comparison:
     base_median: float | None = None
     new_median: float | None = None
     memory_ratio: float | None = None
+    base_fraction: float | None = None  # share of the roofline (harness.roofline) of each side
+    new_fraction: float | None = None
     base_status: str = ""
     new_status: str = ""
     note: str = ""
@@ -131,6 +133,10 @@ def compare_case(base: Record | None, new: Record | None, threshold: float = 0.0
     if not (_timed(base) and _timed(new)):
         return Comparison(**common, **statuses, verdict=NOT_TIMED, memory_ratio=memory)
     ratio, low, high = ratio_with_interval(base, new)
+    fractions = {
+        "base_fraction": (base.get("roofline") or {}).get("fraction"),
+        "new_fraction": (new.get("roofline") or {}).get("fraction"),
+    }
     if low <= 1.0 <= high:
         verdict = NOISE
     elif low > 1 + threshold:
@@ -153,6 +159,7 @@ def compare_case(base: Record | None, new: Record | None, threshold: float = 0.0
         base_median=base["time_s"]["median"],
         new_median=new["time_s"]["median"],
         memory_ratio=memory,
+        **fractions,
     )
 
 
@@ -168,6 +175,14 @@ def compare_runs(base: list[Record], new: list[Record], threshold: float = 0.05)
 
 def _pct(ratio: float | None) -> str:
     return "" if ratio is None or math.isnan(ratio) else f"{(ratio - 1) * 100:+.1f}%"
+
+
+def _roofline(c: Comparison) -> str:
+    """Share of the roofline, base → new: what a time change means against the machine's limit."""
+    if c.new_fraction is None:
+        return ""
+    base = "?" if c.base_fraction is None else f"{c.base_fraction:.0%}"
+    return f"{base} → {c.new_fraction:.0%}"
 
 
 def _ci(c: Comparison) -> str:
@@ -192,11 +207,17 @@ def markdown(
     ]
     if environment:
         lines += ["> **The runs' environments differ**: " + "; ".join(environment), ""]
-    header = ["| verdict | case | time change | 95% CI | memory change | note |", "|---|---|---|---|---|---|"]
+    header = [
+        "| verdict | case | time change | 95% CI | % of roofline | memory change | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def row(c: Comparison) -> str:
         note = c.note.replace("|", "\\|").replace("\n", " ")
-        return f"| {c.verdict} | `{c.case_id}` | {_pct(c.ratio)} | {_ci(c)} | {_pct(c.memory_ratio)} | {note} |"
+        return (
+            f"| {c.verdict} | `{c.case_id}` | {_pct(c.ratio)} | {_ci(c)} | {_roofline(c)} | {_pct(c.memory_ratio)} "
+            f"| {note} |"
+        )
 
     notable = [c for c in comparisons if c.regression or c.verdict in (MAYBE_SLOWER, FASTER, FIXED)]
     if notable:
@@ -228,7 +249,7 @@ def table(comparisons: list[Comparison]):
         NOISE: "dim",
     }
     t = Table(title="compare (new vs base)", title_justify="left")
-    for column in ("verdict", "case", "time change", "95% CI", "base ms", "new ms", "memory change"):
+    for column in ("verdict", "case", "time change", "95% CI", "% of roofline", "base ms", "new ms", "memory change"):
         t.add_column(column, justify="left" if column in ("verdict", "case") else "right")
     for c in comparisons:
         s = style.get(c.verdict, "")
@@ -237,6 +258,7 @@ def table(comparisons: list[Comparison]):
             c.case_id,
             _pct(c.ratio),
             _ci(c),
+            _roofline(c),
             "" if c.base_median is None else f"{c.base_median * 1e3:.3f}",
             "" if c.new_median is None else f"{c.new_median * 1e3:.3f}",
             _pct(c.memory_ratio),

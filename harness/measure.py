@@ -94,6 +94,7 @@ class Prepared:
     params: Params
     flops: float
     tokens: int
+    bytes_moved: float
 
     def call(self) -> torch.Tensor:
         return self.inputs.call(self.impl.fn)
@@ -113,7 +114,7 @@ def prepare(variant: str, implementation: str, params: Params, seed: int = 0, in
     if inputs is None:
         inputs = spec.make_inputs(params, seed=seed)
     registry.check_inputs(variant, inputs)
-    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params))
+    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params))
 
 
 def prepare_case(case: Case, seed: int = 0) -> Prepared:
@@ -246,6 +247,8 @@ class CaseRunner:
             result["time_s"] = stats.as_record()
             result["tflops"] = case.flops / stats.median / 1e12
             result["tokens_per_s"] = case.tokens / stats.median
+            result["bytes_moved"] = case.bytes_moved
+            result["gbps"] = case.bytes_moved / stats.median / 1e9
             if params.device.startswith("cuda"):
                 from harness.gpu import sm_clock_mhz
 

@@ -131,6 +131,9 @@ class Record(BaseModel):
     source_file: str | None = None
     leak_note: str | None = None
     gpu_clock_mhz: int | None = None
+    bytes_moved: float | None = None
+    gbps: float | None = None
+    roofline: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -314,14 +317,16 @@ def to_frame(records: list[Record] | list[dict]):
 
     rows = []
     for r in (as_record(r).as_dict() for r in records):
-        row = {k: v for k, v in r.items() if k not in ("params", "time_s")}
+        row = {k: v for k, v in r.items() if k not in ("params", "time_s", "roofline")}
         row.update(r.get("params") or {})
         for key, value in (r.get("time_s") or {}).items():
-            if key != "samples":
+            if key not in ("samples", "round_medians"):
                 row[f"time_{key}"] = value
+        for key, value in (r.get("roofline") or {}).items():
+            row[f"roofline_{key}"] = value
         rows.append(row)
     frame = pd.DataFrame(rows)
-    for column in ("max_abs_err", "max_rel_err", "tolerance", "tflops", "tokens_per_s"):
+    for column in ("max_abs_err", "max_rel_err", "tolerance", "tflops", "tokens_per_s", "gbps", "roofline_fraction"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame

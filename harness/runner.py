@@ -13,8 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.ceilings import Ceilings, cache_path, ceilings_for
 from harness.errors import InputError
 from harness.executors import make_executor, merge_shards
+from harness.measure import skip_reason
 from harness.results import (
     FAILED,
     JSONL,
@@ -27,6 +29,7 @@ from harness.results import (
     read_records,
     write_csv,
 )
+from harness.roofline import attach
 from harness.shapes import Case
 from harness.suite import Suite, expand
 
@@ -50,6 +53,31 @@ class RunResult:
     @property
     def inaccurate(self) -> list[Record]:
         return [r for r in self.records if r.status == Status.ok and r.accurate is False]
+
+
+def _ceilings(suite: Suite, cases: list[Case], progress: Any) -> tuple[dict[tuple, Ceilings], dict[str, str]]:
+    """The ceilings of every (device, threads) the cases time on, measured here on first use.
+
+    Measured before any case and in this process, so they are never timed against a case; the
+    files they come from go into env.json.
+    """
+    found: dict[tuple, Ceilings] = {}
+    used: dict[str, str] = {}
+    if "time" not in suite.measure:
+        return found, used
+    for device, threads in sorted({(c.params.device, c.params.threads) for c in cases if not c.task}, key=str):
+        if all(skip_reason(c) for c in cases if (c.params.device, c.params.threads) == (device, threads)):
+            continue
+        label = f"{device}-t{threads or 'default'}"
+        path = cache_path(device, threads)
+        if not path.exists() and progress is not None:
+            progress.console.print(f"measuring the ceilings of {device} with {threads or 'default'} threads (once)")
+        try:
+            found[(device, threads)], path = ceilings_for(device, threads)
+            used[label] = str(path)
+        except Exception as exc:  # no roofline is better than no run
+            used[label] = f"not measured: {type(exc).__name__}: {exc}"
+    return found, used
 
 
 def run_suite(
@@ -81,21 +109,25 @@ def run_suite(
     with RunFolder(out) as folder:
         merge_shards(out, folder)  # records a distributed run's jobs wrote after its parent stopped
         done = {case_key(r): r for r in read_records(out)} if (out / JSONL).exists() else {}
+        todo = [c for c in cases if c.case_id not in done]
+        ceilings, used = _ceilings(suite, todo, progress)
         if resume is None or not (out / "env.json").exists():
             env = environment() | {
                 "suite": suite.name,
                 "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "pid": os.getpid(),
+                "ceilings": used,
             }
             folder.write_json("env.json", env)
         folder.write_json("suite.json", suite.model_dump(mode="json"))
         result.records.extend(read_records(out) if done else [])
-        todo = [c for c in cases if c.case_id not in done]
         if progress is not None:
             progress.start(todo, already=len(done), timing=suite.timing)
 
         def emit(case: Case, records: list[Record]) -> None:
             for record in records:
+                if not case.task:
+                    attach(record, ceilings.get((case.params.device, case.params.threads)))
                 folder.append(record)
                 result.records.append(record)
             if progress is not None and records:

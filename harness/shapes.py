@@ -105,3 +105,20 @@ def gate_side(p: Params) -> int:
 def tokens(p: Params) -> int:
     """Query tokens (or pixels) one call processes: the unit of tokens_per_s."""
     return p.batch * p.seq_len
+
+
+def dot_product_bytes(p: Params) -> float:
+    """Each input read once and the output written once: q and out (B, H, Nq, D), k and v (B, H, Nkv, D).
+
+    The least traffic any implementation can have; a kernel that re-reads k and v per query tile
+    moves more, which is exactly what a memory-bound fraction below 1 shows.
+    """
+    return float(DTYPE_BYTES[p.dtype] * p.batch * p.heads * p.head_dim * (2 * p.seq_len + 2 * p.kv_len))
+
+
+def gate_bytes(p: Params) -> float:
+    """x and g read, the output written (B, C, side, side) each, and the three 1x1 convolutions' weights."""
+    cx, cg, f_int = gate_channels(p)
+    pixels = p.batch * p.seq_len
+    weights = f_int * (cg + 1) + f_int * (cx + 1) + (f_int + 1)
+    return float(DTYPE_BYTES[p.dtype] * (pixels * (cx + cg + cx) + weights))

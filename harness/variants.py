@@ -102,6 +102,10 @@ class Variant:
     def tokens(self, params: Params) -> int:
         return shapes.tokens(params)
 
+    def bytes_moved(self, params: Params) -> float:
+        """The least data one call must move: each input read once, the output written once."""
+        raise NotImplementedError
+
     def reference(self, inputs: Inputs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -152,6 +156,9 @@ class DotProductVariant(Variant):
 
     def flops(self, params: Params) -> float:
         return shapes.dot_product_flops(params)
+
+    def bytes_moved(self, params: Params) -> float:
+        return shapes.dot_product_bytes(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         q, k, v = inputs.args
@@ -259,6 +266,9 @@ class GateVariant(Variant):
 
     def flops(self, params: Params) -> float:
         return shapes.gate_flops(params)
+
+    def bytes_moved(self, params: Params) -> float:
+        return shapes.gate_bytes(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         x, g, weights = inputs.args

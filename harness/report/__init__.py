@@ -8,12 +8,14 @@ import base64
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pandas as pd
 
+from harness.compare import ratio_with_interval
 from harness.errors import InputError
-from harness.report.plots import FAILED, plot_tasks, plottable_groups, write_plots
+from harness.report.plots import FAILED, plot_rooflines, plot_tasks, plottable_groups, write_plots
 from harness.results import latest_records, read_records, to_frame, write_csv
 
 SHAPE_KEYS = ["variant", "batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal"]
@@ -34,6 +36,9 @@ TABLE_COLUMNS = [
     "time_iqr",
     "time_n",
     "tflops",
+    "roofline_fraction",
+    "roofline_bound",
+    "gbps",
     "tokens_per_s",
     "first_call_s",
     "gpu_clock_mhz",
@@ -59,8 +64,24 @@ def _mib(value: object) -> str:
     return f"{float(value) / 2**20:.1f}"
 
 
-def best_per_shape(frame: pd.DataFrame) -> list[dict]:
-    """For each shape: the fastest accurate implementation, its margin, and the leanest in memory."""
+def _within_noise(best: Any, other: Any, records: dict[str, Any]) -> bool:
+    """Whether the stored samples cannot tell `other` from `best` (compare's 95% interval contains 1)."""
+    a, b = records.get(best["case_id"]), records.get(other["case_id"])
+    if (
+        a is None
+        or b is None
+        or not (a.get("time_s") or {}).get("samples")
+        or not (b.get("time_s") or {}).get("samples")
+    ):
+        return False
+    _, low, high = ratio_with_interval(a, b)
+    return low <= 1.0 <= high
+
+
+def best_per_shape(frame: pd.DataFrame, records: dict[str, Any] | None = None) -> list[dict]:
+    """For each shape: the fastest accurate implementation (or the ones the noise cannot separate from it),
+    its margin, how close it came to the roofline, and the leanest in memory."""
+    records = records or {}
     keys = [k for k in SHAPE_KEYS if k in frame]
     rows = []
     if "time_median" not in frame:
@@ -75,11 +96,16 @@ def best_per_shape(frame: pd.DataFrame) -> list[dict]:
         lean = group.dropna(subset=["peak_memory_bytes"]) if "peak_memory_bytes" in group else group.iloc[0:0]
         leanest = lean.sort_values("peak_memory_bytes").iloc[0] if len(lean) else None
         shape = dict(zip(keys, key, strict=True))
+        tied = [r["implementation"] for _, r in ranked.iloc[1:].iterrows() if _within_noise(best, r, records)]
+        fraction = best.get("roofline_fraction")
         rows.append(
             {
                 "shape": ", ".join(f"{k}={_fmt(v)}" for k, v in shape.items() if _fmt(v) and k != "variant"),
                 "variant": shape["variant"],
-                "best": best["implementation"],
+                "best": " ≈ ".join([best["implementation"], *tied]),
+                "tie": bool(tied),
+                "roofline": None if fraction is None or pd.isna(fraction) else float(fraction),
+                "bound": best.get("roofline_bound") if isinstance(best.get("roofline_bound"), str) else "",
                 "time_ms": best["time_median"] * 1e3,
                 "tflops": best.get("tflops"),
                 # Compilation and lazy set-up are paid once per shape: beside a kernel that wins by
@@ -122,6 +148,10 @@ def write_report(run_dir: str | Path) -> Path:
     kernel_frame = frame[frame["task"].isna()] if "task" in frame else frame
     figures = write_plots(kernel_frame, run_dir / "plots") if len(kernel_frame) else []
     task_figures = plot_tasks(frame) if len(frame) else []
+    roofline_figures = plot_rooflines(kernel_frame) if len(kernel_frame) else []
+    for figure in roofline_figures:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        (run_dir / "plots" / figure.path.name).write_bytes(figure.png)
     for figure in task_figures:
         (run_dir / "plots").mkdir(exist_ok=True)
         (run_dir / "plots" / figure.path.name).write_bytes(figure.png)
@@ -147,7 +177,8 @@ def write_report(run_dir: str | Path) -> Path:
         figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in figures],
         figures_omitted=max(0, len(plottable_groups(kernel_frame)) - len(figures)) if len(kernel_frame) else 0,
         task_figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in task_figures],
-        best=best_per_shape(kernel_frame) if len(kernel_frame) else [],
+        best=best_per_shape(kernel_frame, {r["case_id"]: r for r in records}) if len(kernel_frame) else [],
+        roofline_figures=[{"title": f.title, "data": base64.b64encode(f.png).decode()} for f in roofline_figures],
         failures=failures,
         # The SM clock column only where a GPU ran something.
         columns=[c for c in TABLE_COLUMNS if c != "gpu_clock_mhz" or "gpu_clock_mhz" in frame],

@@ -238,3 +238,79 @@ def plot_tasks(frame: pd.DataFrame) -> list[Figure]:
         plt.close(fig)
         figures.append(Figure(f"task {task}: metric by implementation", Path(f"task-{task}.png"), buffer.getvalue()))
     return figures
+
+
+def _intensity(row: pd.Series) -> float | None:
+    """FLOPs per byte moved of a case, from its params (failed cases have no measured figures)."""
+    from harness import shapes
+
+    try:
+        params = shapes.Params(
+            batch=int(row["batch"]),
+            heads=int(row["heads"]),
+            seq_len=int(row["seq_len"]),
+            seq_len_kv=None if pd.isna(row.get("seq_len_kv")) else int(row["seq_len_kv"]),
+            head_dim=int(row["head_dim"]),
+            dtype=str(row["dtype"]),
+            causal=bool(row.get("causal")) if not pd.isna(row.get("causal")) else False,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if row["variant"] == "attention_gate":
+        return shapes.gate_flops(params) / shapes.gate_bytes(params)
+    return shapes.dot_product_flops(params) / shapes.dot_product_bytes(params)
+
+
+def plot_rooflines(frame: pd.DataFrame) -> list[Figure]:
+    """One roofline per device and dtype: arithmetic intensity against achieved TFLOP/s, log-log.
+
+    The two measured ceilings are drawn (bandwidth × intensity rising into the flat matmul peak);
+    each marker is one implementation at one shape; failed cases are crosses on the bottom edge at
+    their intensity, so a kernel that did not run is not mistaken for one that was not asked.
+    """
+    figures: list[Figure] = []
+    if "roofline_peak_tflops" not in frame or frame["roofline_peak_tflops"].isna().all():
+        return figures
+    for (device, dtype), rows in frame.groupby(["device", "dtype"], sort=True):
+        ok = rows[(rows["status"] == "ok") & rows["roofline_peak_tflops"].notna() & rows["tflops"].notna()]
+        if ok.empty:
+            continue
+        peak = float(ok["roofline_peak_tflops"].median())
+        bandwidth = float(ok["roofline_peak_gbps"].median()) / 1e3  # TB/s: TFLOP/s per FLOP/byte
+        intensity = ok.apply(_intensity, axis=1).astype(float)
+        fig, ax = plt.subplots(figsize=(8.5, 5.2))
+        fig.subplots_adjust(left=0.1, right=0.72, top=0.9, bottom=0.12)
+        low, high = max(intensity.min() / 4, 1e-2), intensity.max() * 4
+        xs = [low * (high / low) ** (i / 200) for i in range(201)]
+        ax.plot(xs, [min(peak, bandwidth * x) for x in xs], color="black", linewidth=1.5)
+        ax.text(high, peak, f" {peak:.3g} TFLOP/s", va="bottom", ha="right", fontsize=8)
+        ax.text(low, bandwidth * low, f" {bandwidth * 1e3:.3g} GB/s", va="bottom", fontsize=8, rotation=20)
+        for name, part in ok.assign(intensity=intensity).groupby("implementation", sort=True):
+            ax.plot(part["intensity"], part["tflops"], marker="o", linestyle="none", color=colour(name), label=name)
+        failed = rows[rows["status"].isin(FAILED)]
+        trans = blended_transform_factory(ax.transData, ax.transAxes)
+        for _, r in failed.iterrows():
+            x = _intensity(r)
+            if x:
+                ax.plot(x, 0.03, marker="x", color=colour(r["implementation"]), transform=trans, clip_on=False)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.set(
+            title=f"roofline · {device} · {dtype}",
+            xlabel="arithmetic intensity (FLOP per byte moved, log)",
+            ylabel="achieved TFLOP/s (log)",
+        )
+        handles = [
+            Line2D([], [], color=colour(n), marker="o", linestyle="none", label=n)
+            for n in sorted(ok["implementation"].unique())
+        ]
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="failed (bottom edge)"))
+        fig.legend(handles=handles, loc="center right", fontsize=8)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        figures.append(
+            Figure(f"roofline · {device} · {dtype}", Path(f"roofline-{device}-{dtype}.png"), buffer.getvalue())
+        )
+    return figures
