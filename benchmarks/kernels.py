@@ -1,5 +1,9 @@
 """asv benchmarks over the registry at the sizes of suites/ci.yaml: no second list of kernels.
 
+Forward (`time_forward`, `peakmem_forward`, `track_tflops`, `track_max_abs_err`) and backward
+(`time_backward`, `peakmem_backward`: `out.backward(dout)` on a retained graph, as the harness's
+`bwd` direction) of every implementation that has one here.
+
 One plain class per variant of the CI suite (asv's own discovery); its parameters are the
 implementations registered for that variant and the suite's sequence lengths, so the asv pages show
 them as axes. Cases are prepared by harness.measure.prepare, as the harness's worker prepares them.
@@ -8,6 +12,7 @@ An implementation that cannot run here is skipped the asv way (NotImplementedErr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -73,6 +78,34 @@ class _Forward:
     track_max_abs_err.unit = "max abs error vs float64"
 
 
+class _Backward:
+    """The backward pass: `out.backward(dout)` on a retained graph after an untimed forward."""
+
+    variant = ""
+    param_names = ["implementation", "seq_len"]
+    timeout = 120
+    warmup_time = 0.1
+
+    def setup(self, implementation: str, seq_len: int) -> None:
+        params = replace(_params(self.variant, seq_len), direction="bwd")
+        ok, why = registry.get(self.variant, implementation).available_for(params)
+        if not ok:
+            raise NotImplementedError(why)
+        torch.set_num_threads(params.threads or torch.get_num_threads())
+        self.case: Prepared = prepare(self.variant, implementation, params, seed=SUITE.seed)
+        with torch.enable_grad():
+            self.backward = self.case.step()  # the untimed forward whose graph every call reuses
+            self.backward()  # the first backward (lazy set-up, compilation) is not timed either
+
+    def time_backward(self, implementation: str, seq_len: int) -> None:
+        with torch.enable_grad():
+            self.backward()
+
+    def peakmem_backward(self, implementation: str, seq_len: int) -> None:
+        with torch.enable_grad():
+            self.backward()
+
+
 class self_attention(_Forward):  # noqa: N801 - asv names benchmarks after the class: the variant's name
     """self_attention: forward pass of every registered implementation at CI sizes."""
 
@@ -103,6 +136,41 @@ class cross_attention(_Forward):  # noqa: N801
 
 class attention_gate(_Forward):  # noqa: N801
     """attention_gate: forward pass of every registered implementation at CI sizes."""
+
+    variant = "attention_gate"
+    params = [chosen(SUITE, variant), SEQ_LENS]
+
+
+class self_attention_backward(_Backward):  # noqa: N801
+    """self_attention: backward pass of every implementation that has one here, at CI sizes."""
+
+    variant = "self_attention"
+    params = [chosen(SUITE, variant), SEQ_LENS]
+
+
+class multi_head_backward(_Backward):  # noqa: N801
+    """multi_head: backward pass of every implementation that has one here, at CI sizes."""
+
+    variant = "multi_head"
+    params = [chosen(SUITE, variant), SEQ_LENS]
+
+
+class causal_backward(_Backward):  # noqa: N801
+    """causal: backward pass of every implementation that has one here, at CI sizes."""
+
+    variant = "causal"
+    params = [chosen(SUITE, variant), SEQ_LENS]
+
+
+class cross_attention_backward(_Backward):  # noqa: N801
+    """cross_attention: backward pass of every implementation that has one here, at CI sizes."""
+
+    variant = "cross_attention"
+    params = [chosen(SUITE, variant), SEQ_LENS]
+
+
+class attention_gate_backward(_Backward):  # noqa: N801
+    """attention_gate: backward pass of every implementation that has one here, at CI sizes."""
 
     variant = "attention_gate"
     params = [chosen(SUITE, variant), SEQ_LENS]

@@ -153,3 +153,110 @@ def baseline(variant: Variant, inputs: Inputs, naive_fn) -> Baseline:
         reference = variant.reference(subset)
         naive_output = subset.call(naive_fn)
     return Baseline(reference, naive_output, rows, inputs.args[0].dtype)
+
+
+@dataclass(frozen=True)
+class GradAccuracy:
+    """Each gradient held to the output's rule: max abs error ≤ 2 × naive's (same dtype) + a floor, the
+    floor being the rounding a sum of that many terms may carry (GradBaseline.judge)."""
+
+    max_abs_err: dict[str, float]
+    tolerance: dict[str, float]
+    accurate: bool
+    reason: str = ""
+
+    def as_record(self) -> dict:
+        return {"grad_max_abs_err": self.max_abs_err, "grad_tolerance": self.tolerance}
+
+
+@dataclass
+class GradBaseline:
+    """The float64 gradients of one case (same inputs, same dout) and naive's in the case's dtype."""
+
+    reference: dict[str, torch.Tensor]
+    naive: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    terms: dict[str, int]  # how many products each gradient element sums (its reduction's length)
+
+    def judge(self, grads: dict[str, torch.Tensor | None]) -> GradAccuracy:
+        errs, tols, bad = {}, {}, []
+        for name, ref in self.reference.items():
+            grad = grads.get(name)
+            if grad is None:
+                errs[name], tols[name] = math.inf, math.nan
+                bad.append(f"{name} missing")
+                continue
+            err = errors(grad, ref)
+            base = errors(self.naive[name], ref)
+            # A gradient element is a sum of many products (dV over the Nq query rows, a bias over B·N
+            # pixels), summed in a different order by each kernel: the floor is the rounding error such
+            # a sum may have, eps × its magnitude × √(terms), not the output's single eps.
+            magnitude = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+            spread = math.sqrt(self.terms.get(name, 1))
+            tol = NAIVE_FACTOR * (base.max_abs_err if base.finite else 0.0) + floor(self.dtype) * magnitude * spread
+            errs[name], tols[name] = err.max_abs_err, tol
+            if not err.finite:
+                bad.append(f"{name} contains NaN or Inf")
+            elif err.max_abs_err > tol:
+                bad.append(f"{name} max_abs_err {err.max_abs_err:.3g} > tolerance {tol:.3g}")
+        return GradAccuracy(errs, tols, not bad, "; ".join(bad))
+
+
+def reference_grads(variant: Variant, inputs: Inputs, dout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 autograd of the variant's reference on the same inputs and dout.
+
+    Dot-product attention is differentiated one (batch, head) at a time, so the float64 graph holds
+    one head's score matrix, not all of them (N=4096: 128 MiB instead of 1 GiB per head group).
+    """
+
+    def as64(t):
+        return t.detach().double().requires_grad_(True) if isinstance(t, torch.Tensor) else t
+
+    if variant.kind != "dot_product":
+        x, g, w = inputs.args
+        x64, g64 = as64(x), as64(g)
+        w64 = type(w)(*(as64(t) for t in w.tensors()))
+        with torch.enable_grad():
+            variant.reference(Inputs((x64, g64, w64))).backward(dout.double())
+        names = ("w_g", "b_g", "w_x", "b_x", "w_psi", "b_psi")
+        return {"dx": x64.grad, "dg": g64.grad} | {f"d{n}": t.grad for n, t in zip(names, w64.tensors(), strict=True)}
+    q, k, v = inputs.args
+    mask = inputs.kwargs.get("mask")
+    grads = {
+        name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True)
+    }
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            leaves = [as64(t[b : b + 1, h : h + 1]) for t in (q, k, v)]
+            kwargs = dict(inputs.kwargs)
+            if mask is not None:
+                m = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+                kwargs["mask"] = m[b : b + 1, h : h + 1]
+            with torch.enable_grad():
+                variant.reference(Inputs(tuple(leaves), kwargs)).backward(dout[b : b + 1, h : h + 1].double())
+            for name, leaf in zip(("dq", "dk", "dv"), leaves, strict=True):
+                grads[name][b, h] = leaf.grad[0, 0]
+    return grads
+
+
+def grad_baseline(variant: Variant, inputs: Inputs, dout: torch.Tensor, naive_fn) -> GradBaseline:
+    """The reference gradients and naive's gradients in the inputs' dtype, once per case shape."""
+    reference = reference_grads(variant, inputs, dout)
+    leaves = inputs.with_grad()
+    with torch.enable_grad():
+        leaves.call(naive_fn).backward(dout)
+    naive = {name: t.grad for name, t in leaves.grad_leaves().items()}
+    return GradBaseline(reference, naive, inputs.args[0].dtype, reduction_terms(inputs))
+
+
+def reduction_terms(inputs: Inputs) -> dict[str, int]:
+    """The length of the sum behind each gradient element (see GradBaseline.judge)."""
+    if len(inputs.args) == 3 and not isinstance(inputs.args[2], torch.Tensor):
+        x, _, w = inputs.args
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        f_int = w.w_g.shape[0]
+        weights = {f"d{n}": pixels for n in ("w_g", "b_g", "w_x", "b_x", "w_psi", "b_psi")}
+        return {"dx": f_int, "dg": f_int} | weights
+    q, k, _ = inputs.args
+    return {"dq": k.shape[2], "dk": q.shape[2], "dv": q.shape[2]}

@@ -12,13 +12,14 @@ torch is imported inside the functions that need it: the parent validates and sc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -95,9 +96,43 @@ class Prepared:
     flops: float
     tokens: int
     bytes_moved: float
+    dout: torch.Tensor | None = None  # the gradient a backward pass starts from (seeded like the inputs)
 
     def call(self) -> torch.Tensor:
         return self.inputs.call(self.impl.fn)
+
+    def clear_grads(self) -> None:
+        for leaf in self.inputs.grad_leaves().values():
+            leaf.grad = None
+
+    def grads(self) -> dict[str, torch.Tensor | None]:
+        return {name: leaf.grad for name, leaf in self.inputs.grad_leaves().items()}
+
+    def step(self) -> Callable[[], object]:
+        """What one timed call of this case's direction runs.
+
+        `fwd`: the kernel. `fwd_bwd`: the kernel, then `out.backward(dout)`. `bwd`: one untimed
+        forward here, then every timed call is `out.backward(dout, retain_graph=True)` on its graph:
+        the backward alone, as flash-attention's benchmark times it. A fresh forward per sample would
+        need the clock stopped around each forward (and on CUDA a synchronisation per sample); the
+        retained graph keeps exactly what training keeps between forward and backward.
+        """
+        if self.params.direction == "fwd":
+            return self.call
+        if self.params.direction == "fwd_bwd":
+
+            def forward_backward() -> None:
+                self.clear_grads()
+                self.call().backward(self.dout)
+
+            return forward_backward
+        out = self.call()
+
+        def backward() -> None:
+            self.clear_grads()
+            out.backward(self.dout, retain_graph=True)
+
+        return backward
 
 
 def prepare(variant: str, implementation: str, params: Params, seed: int = 0, inputs: Inputs | None = None) -> Prepared:
@@ -114,7 +149,22 @@ def prepare(variant: str, implementation: str, params: Params, seed: int = 0, in
     if inputs is None:
         inputs = spec.make_inputs(params, seed=seed)
     registry.check_inputs(variant, inputs)
-    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params))
+    dout = None
+    if params.direction != "fwd":
+        inputs = inputs.with_grad()  # fresh leaves: each case's gradients are its own
+        dout = make_dout(inputs.args[0], seed)
+    prepared = Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params))
+    prepared.dout = dout
+    return prepared
+
+
+def make_dout(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """The output gradient of a backward case: random, from the case's seed (the same on every side)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    values = torch.randn(tuple(like.shape), generator=gen, dtype=torch.float32)
+    return values.to(device=like.device, dtype=like.dtype)
 
 
 def prepare_case(case: Case, seed: int = 0) -> Prepared:
@@ -152,16 +202,18 @@ class CaseRunner:
         self._key: tuple | None = None
         self._inputs: Inputs | None = None
         self._baseline: Any = None
+        self._grad_baseline: Any = None
 
     def forget(self) -> None:
-        self._key = self._inputs = self._baseline = None
+        self._key = self._inputs = self._baseline = self._grad_baseline = None
 
     def _shape(self, request: CaseRequest, params: Params, with_accuracy: bool) -> tuple[Inputs, Any]:
         from harness import registry
         from harness.accuracy import baseline
         from harness.variants import get_variant
 
-        key = (request.variant, params, request.seed)
+        # The directions of one shape share its inputs and references.
+        key = (request.variant, replace(params, direction="fwd"), request.seed)
         if key != self._key:
             self.forget()  # free the previous shape's tensors first
             self._inputs = get_variant(request.variant).make_inputs(params, seed=request.seed)
@@ -171,11 +223,22 @@ class CaseRunner:
             self._baseline = baseline(spec, self._inputs, registry.get(request.variant, "naive").fn)
         return self._inputs, self._baseline if with_accuracy else None
 
+    def _grads(self, request: CaseRequest, dout: Any) -> Any:
+        from harness import registry
+        from harness.accuracy import grad_baseline
+        from harness.variants import get_variant
+
+        if self._grad_baseline is None:
+            naive = registry.get(request.variant, "naive").fn
+            self._grad_baseline = grad_baseline(get_variant(request.variant), self._inputs, dout, naive)
+        return self._grad_baseline
+
     def run(self, request: CaseRequest) -> Outcome:
         import torch
 
+        training = request.params.get("direction", "fwd") != "fwd"
         try:
-            with torch.inference_mode():
+            with torch.no_grad() if training else torch.inference_mode():  # the timed step enables grad itself
                 return self._run(request)
         except BaseException as exc:  # a kernel's failure is a result, not the worker's end
             if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -217,8 +280,12 @@ class CaseRunner:
             "threads_used": torch.get_num_threads(),
             "source_file": inspect.getsourcefile(impl.fn),  # which tree's kernel was measured
         }
+        training = params.direction != "fwd"
         started = time.perf_counter()
-        output = case.call()  # first call: never timed (lazy init, compilation, autotuning)
+        with torch.enable_grad() if training else contextlib.nullcontext():
+            output = case.call()  # first call: never timed (lazy init, compilation, autotuning)
+            if training and isinstance(output, torch.Tensor):
+                output.backward(case.dout)  # ... and the first backward neither
         if params.device.startswith("cuda"):
             torch.cuda.synchronize(params.device)
         # What a user pays once per shape (compilation above all): reported, never mixed into time_s.
@@ -233,26 +300,38 @@ class CaseRunner:
             return Outcome.failure(Status.error, f"wrong output shape {tuple(output.shape)}, expected {expected}")
         reason = ""
         if base is not None:
-            accuracy = base.judge(output)
+            accuracy = base.judge(output.detach())
             result.update(accuracy.as_record())
             reason = "" if accuracy.accurate else accuracy.reason
+            if training:
+                grads = self._grads(request, case.dout).judge(case.grads())
+                result.update(grads.as_record())
+                result["accurate"] = accuracy.accurate and grads.accurate
+                reason = "; ".join(r for r in (reason, grads.reason) if r)
         del output
-        if "memory" in measure:
-            result["peak_memory_bytes"] = peak_memory(case.call, params.device)
-        if "time" in measure:
-            try:
-                stats = time_callable(case.call, request.timing, params.device)
-            except CaptureError as exc:  # refused, not replaced by another mode
-                return Outcome.failure(Status.skipped, f"timing mode cudagraph: the kernel {exc}")
-            result["time_s"] = stats.as_record()
-            result["tflops"] = case.flops / stats.median / 1e12
-            result["tokens_per_s"] = case.tokens / stats.median
-            result["bytes_moved"] = case.bytes_moved
-            result["gbps"] = case.bytes_moved / stats.median / 1e9
-            if params.device.startswith("cuda"):
-                from harness.gpu import sm_clock_mhz
+        case.clear_grads()
+        with torch.enable_grad() if training else contextlib.nullcontext():
+            if training and "memory" in measure:
+                result["saved_bytes"] = saved_bytes(case, params.device)
+            step = case.step()  # bwd: builds the graph its timed backward calls reuse
+            if "memory" in measure:
+                result["peak_memory_bytes"] = peak_memory(step, params.device)
+            if "time" in measure:
+                try:
+                    stats = time_callable(step, request.timing, params.device)
+                except CaptureError as exc:  # refused, not replaced by another mode
+                    return Outcome.failure(Status.skipped, f"timing mode cudagraph: the kernel {exc}")
+                result["time_s"] = stats.as_record()
+                result["tflops"] = case.flops / stats.median / 1e12
+                result["tokens_per_s"] = case.tokens / stats.median
+                result["bytes_moved"] = case.bytes_moved
+                result["gbps"] = case.bytes_moved / stats.median / 1e9
+                if params.device.startswith("cuda"):
+                    from harness.gpu import sm_clock_mhz
 
-                result["gpu_clock_mhz"] = sm_clock_mhz(params.device)  # right after timing: throttling shows
+                    result["gpu_clock_mhz"] = sm_clock_mhz(params.device)  # right after timing: throttling shows
+            del step
+        case.clear_grads()
         grown = settled_rss() - settled
         if grown > LEAK_LIMIT_BYTES:
             # The worker ends after this reply (harness.worker replaces a worker whose reply says so).
@@ -261,6 +340,30 @@ class CaseRunner:
                 "after its first call; worker replaced"
             )
         return Outcome(status=Status.ok, reason=reason, **result)
+
+
+def _allocated(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return settled_rss()
+
+
+def saved_bytes(case: Prepared, device: str) -> int:
+    """What a forward leaves allocated for its backward beyond its inputs and its output.
+
+    The allocator's bytes in use (CPU: malloc's, through mallinfo2; CUDA: the caching allocator's)
+    after a forward with grad enabled, minus before, minus the output: naive keeps its N² probabilities,
+    a FlashAttention-style kernel O(N) row statistics.
+    """
+    before = _allocated(device)
+    out = case.call()
+    after = _allocated(device)
+    size = out.numel() * out.element_size()
+    del out
+    return max(0, after - before - size)
 
 
 def run_task(request: TaskRequest) -> Outcome:

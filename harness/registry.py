@@ -77,6 +77,52 @@ def signature_problems(fn: Callable) -> list[str]:
     return problems
 
 
+_BACKWARD_PROBES: dict[tuple, tuple[bool, str]] = {}
+
+
+def backward_probe(impl: Implementation, device: str, dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """Whether `impl` runs a backward pass here: tried once on a tiny input, the answer cached.
+
+    Kernels that have no backward say so in their own exception's words (a custom op without a
+    derivative, a compiled graph that cannot be differentiated), not as an error in every case.
+    """
+    key = (impl.variant, impl.name, id(impl.fn), device, dtype, head_dim, causal)
+    if key not in _BACKWARD_PROBES:
+        import torch
+
+        from harness.shapes import Params
+        from harness.variants import get_variant
+
+        spec = get_variant(impl.variant)
+        small = 16  # 16 tokens, or a 4x4 image for the gate
+        params = spec.normalize(
+            Params(
+                batch=1,
+                heads=2,
+                seq_len=small,
+                head_dim=head_dim,
+                dtype=dtype,
+                device=device,
+                causal=causal,
+                seq_len_kv=12 if impl.variant == "cross_attention" else None,
+            )
+        )
+        try:
+            with torch.enable_grad():
+                inputs = spec.make_inputs(params).with_grad()
+                out = inputs.call(impl.fn)
+                out.backward(torch.ones_like(out))
+            missing = [name for name, t in inputs.grad_leaves().items() if t.grad is None]
+            _BACKWARD_PROBES[key] = (False, f"no gradient for {', '.join(missing)}") if missing else (True, "")
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            _BACKWARD_PROBES[key] = (
+                False,
+                f"no backward here: {type(exc).__name__}: {lines[0][:200] if lines else ''}",
+            )
+    return _BACKWARD_PROBES[key]
+
+
 def check_inputs(variant: str, inputs: Inputs) -> None:
     """Raise InputError unless a case's inputs fit the variant's kernel contract (once per case)."""
     from harness.checks import check_gate, check_qkv
@@ -116,6 +162,10 @@ class Implementation:
             ok, reason = self.check(device=device, dtype=dtype, **case)
         except Exception as exc:  # a broken availability check must not take the listing down
             return False, f"availability check failed: {type(exc).__name__}: {exc}"
+        if ok and case.get("direction", "fwd") != "fwd" and device is not None:
+            return backward_probe(
+                self, str(device), dtype or "float32", int(case.get("head_dim") or 64), bool(case.get("causal"))
+            )
         return bool(ok), "" if ok else str(reason)
 
     def available_for(self, params: object, **extra: object) -> tuple[bool, str]:

@@ -131,6 +131,9 @@ class Record(BaseModel):
     source_file: str | None = None
     leak_note: str | None = None
     gpu_clock_mhz: int | None = None
+    saved_bytes: int | None = None
+    grad_max_abs_err: dict[str, float] | None = None
+    grad_tolerance: dict[str, float] | None = None
     bytes_moved: float | None = None
     gbps: float | None = None
     roofline: dict[str, Any] | None = None
@@ -318,6 +321,8 @@ def to_frame(records: list[Record] | list[dict]):
     rows = []
     for r in (as_record(r).as_dict() for r in records):
         row = {k: v for k, v in r.items() if k not in ("params", "time_s", "roofline")}
+        if r.get("params"):
+            row["direction"] = "fwd"  # records from before the direction axis timed the forward
         row.update(r.get("params") or {})
         for key, value in (r.get("time_s") or {}).items():
             if key not in ("samples", "round_medians"):

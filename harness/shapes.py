@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+# What a case times: the forward pass, the backward pass (after an untimed forward), or both.
+DIRECTIONS: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
+# FLOPs of a direction as multiples of the forward's: flash-attention's benchmark convention for
+# attention (the backward's five matmuls against the forward's two); a 1x1-convolution gate needs
+# two GEMMs (input and weight gradients) per forward GEMM.
+ATTENTION_DIRECTION_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+GATE_DIRECTION_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
@@ -28,6 +35,7 @@ class Params:
     device: str = "cpu"
     threads: int | None = None
     causal: bool = False
+    direction: str = "fwd"
 
     @property
     def kv_len(self) -> int:
@@ -44,6 +52,7 @@ class Params:
             "device": self.device,
             "threads": self.threads,
             "causal": self.causal,
+            "direction": self.direction,
         }
 
 
@@ -56,8 +65,9 @@ def case_id(variant: str, implementation: str, p: Params) -> str:
     kv = f"-kv{p.seq_len_kv}" if p.seq_len_kv is not None else ""
     threads = f"-t{p.threads}" if p.threads is not None else ""
     causal = "-causal" if p.causal else ""
+    direction = "" if p.direction == "fwd" else f"-{p.direction}"  # forward ids stay what they were
     shape = f"b{p.batch}-h{p.heads}-n{p.seq_len}{kv}-d{p.head_dim}"
-    return f"{variant}/{implementation}/{shape}-{p.dtype}-{p.device}{threads}{causal}"
+    return f"{variant}/{implementation}/{shape}-{p.dtype}-{p.device}{threads}{causal}{direction}"
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,9 @@ class Case:
 
 
 def dot_product_flops(p: Params) -> float:
-    """Two matmuls of 2·Nq·Nkv·D each per head; a causal mask skips half of the pairs."""
-    total = 4.0 * p.batch * p.heads * p.seq_len * p.kv_len * p.head_dim
+    """Two matmuls of 2·Nq·Nkv·D each per head for the forward (× 2.5 backward, × 3.5 both); a
+    causal mask skips half of the pairs."""
+    total = 4.0 * p.batch * p.heads * p.seq_len * p.kv_len * p.head_dim * ATTENTION_DIRECTION_FACTOR[p.direction]
     return total / 2 if p.causal else total
 
 
@@ -94,7 +105,7 @@ def gate_flops(p: Params) -> float:
     pixels = p.batch * p.seq_len
     convs = 2.0 * pixels * f_int * (cg + cx + 1)
     pointwise = pixels * (2 * f_int + cx + 1)  # add + relu, the final multiply, the sigmoid
-    return convs + pointwise
+    return (convs + pointwise) * GATE_DIRECTION_FACTOR[p.direction]
 
 
 def gate_side(p: Params) -> int:
@@ -113,7 +124,10 @@ def dot_product_bytes(p: Params) -> float:
     The least traffic any implementation can have; a kernel that re-reads k and v per query tile
     moves more, which is exactly what a memory-bound fraction below 1 shows.
     """
-    return float(DTYPE_BYTES[p.dtype] * p.batch * p.heads * p.head_dim * (2 * p.seq_len + 2 * p.kv_len))
+    forward = 2 * p.seq_len + 2 * p.kv_len  # q, k, v read; out written
+    backward = 4 * p.seq_len + 4 * p.kv_len  # q, out, dout, k, v read; dq, dk, dv written
+    rows = {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}[p.direction]
+    return float(DTYPE_BYTES[p.dtype] * p.batch * p.heads * p.head_dim * rows)
 
 
 def gate_bytes(p: Params) -> float:
@@ -121,4 +135,7 @@ def gate_bytes(p: Params) -> float:
     cx, cg, f_int = gate_channels(p)
     pixels = p.batch * p.seq_len
     weights = f_int * (cg + 1) + f_int * (cx + 1) + (f_int + 1)
-    return float(DTYPE_BYTES[p.dtype] * (pixels * (cx + cg + cx) + weights))
+    forward = pixels * (cx + cg + cx) + weights
+    backward = pixels * (cx + cg + cx + cx + cg) + 2 * weights  # x, g, dout read, dx, dg written; dW
+    total = {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}[p.direction]
+    return float(DTYPE_BYTES[p.dtype] * total)

@@ -41,6 +41,33 @@ class Inputs:
     def call(self, fn: Callable) -> torch.Tensor:
         return fn(*self.args, **self.kwargs)
 
+    def grad_leaves(self) -> dict[str, torch.Tensor]:
+        """The tensors a training step differentiates, by the names records use (dq, dk, dv; dx, dg, dw_g ...)."""
+        import torch
+
+        first = self.args[0]
+        if len(self.args) == 3 and isinstance(self.args[2], GateWeights):
+            x, g, w = self.args
+            names = ("w_g", "b_g", "w_x", "b_x", "w_psi", "b_psi")
+            return {"dx": x, "dg": g} | {f"d{n}": t for n, t in zip(names, w.tensors(), strict=True)}
+        if isinstance(first, torch.Tensor) and len(self.args) == 3:
+            q, k, v = self.args
+            return {"dq": q, "dk": k, "dv": v}
+        return {}
+
+    def with_grad(self) -> Inputs:
+        """The same values as fresh leaf tensors that require grad (outside inference mode)."""
+        import torch
+
+        def leaf(t: Any) -> Any:
+            if isinstance(t, GateWeights):
+                return GateWeights(*(leaf(x) for x in t.tensors()))
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.detach().clone().requires_grad_(True)
+            return t
+
+        return Inputs(tuple(leaf(a) for a in self.args), dict(self.kwargs))
+
     @property
     def nbytes(self) -> int:
         import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
@@ -10,6 +11,20 @@ from implementations.masks import with_causal
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
 CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk(q_c, k_t, v, mask_c, scale: float, empty_rows_possible: bool) -> torch.Tensor:
+    """Exact attention of one query chunk over the keys it may see: (B, H, rows, D)."""
+    scores = torch.matmul(q_c, k_t).mul_(scale)  # (B, H, rows, keys)
+    if mask_c is not None:
+        if mask_c.dtype == torch.bool:
+            scores.masked_fill_(~mask_c, float("-inf"))
+        else:
+            scores.add_(mask_c)
+    weights = torch.softmax(scores, dim=-1)
+    if empty_rows_possible:  # fully masked rows give zeros (DESIGN's policy), not NaN
+        weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    return torch.matmul(weights, v)
 
 
 @register("chunked", variants=DOT_PRODUCT_VARIANTS)
@@ -22,31 +37,32 @@ def chunked(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Query chunks with an exact softmax each; causal chunks only read the keys they may see."""
+    """Query chunks with an exact softmax each; causal chunks only read the keys they may see.
+
+    For training, each chunk is checkpointed: the backward recomputes its scores instead of keeping
+    every chunk's probabilities, so memory stays chunk-sized in both passes.
+    """
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     rows = max(1, CHUNK_ELEMENTS // (batch * heads * n_kv))
-    out = torch.empty_like(q)
-    k_t = k.transpose(-2, -1)
+    k_t = k.transpose(-2, -1)  # (B, H, D, Nkv)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = None if training else torch.empty_like(q)
+    pieces = []
     for start in range(0, n_q, rows):
         stop = min(n_q, start + rows)
         # Under a top-left causal mask, rows < stop never see keys >= stop.
         n_keys = min(n_kv, stop) if causal else n_kv
-        scores = torch.matmul(q[:, :, start:stop], k_t[..., :n_keys]).mul_(scale)
         chunk_mask = (
             None if mask is None else mask[..., :n_keys] if mask.shape[-2] == 1 else mask[..., start:stop, :n_keys]
         )
         chunk_mask = with_causal(
             chunk_mask, causal, stop - start, n_keys, q.device, torch.arange(start, stop, device=q.device)
         )
-        if chunk_mask is not None:
-            if chunk_mask.dtype == torch.bool:
-                scores.masked_fill_(~chunk_mask, float("-inf"))
-            else:
-                scores.add_(chunk_mask)
-        weights = torch.softmax(scores, dim=-1)
-        if mask is not None:  # fully masked rows give zeros (DESIGN's policy), not NaN
-            weights.masked_fill_(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-        out[:, :, start:stop] = torch.matmul(weights, v[:, :, :n_keys])
-    return out
+        args = (q[:, :, start:stop], k_t[..., :n_keys], v[:, :, :n_keys], chunk_mask, scale, mask is not None)
+        if training:
+            pieces.append(checkpoint(_chunk, *args, use_reentrant=False))
+        else:
+            out[:, :, start:stop] = _chunk(*args)
+    return torch.cat(pieces, dim=2) if training else out

@@ -57,6 +57,11 @@ def _raise_recompile_limit() -> None:
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, key):
             setattr(config, key, max(getattr(config, key), RECOMPILE_LIMIT))
+    # A compiled backward that donates its saved buffers cannot run twice on one graph, and the
+    # harness times `bwd` as flash-attention does: repeated backward calls on a retained graph.
+    functorch = getattr(torch, "_functorch", None)
+    if functorch is not None and hasattr(functorch.config, "donated_buffer"):
+        functorch.config.donated_buffer = False
 
 
 @functools.cache

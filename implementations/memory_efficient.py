@@ -28,14 +28,16 @@ LOG2E = 1.4426950408889634
 TILE_ELEMENTS = 1 << 20
 Q_TILE = 1024
 K_TILE = 512
+BACKWARD_TILE = 512
 # A query tile whose row sums exceed this under the lagged maximum is redone exactly: far below
 # float32's 2**127, so nothing on the fast path can overflow unnoticed.
 OVERFLOW_LIMIT = 2.0**40
 
 
-def _tile_sizes(heads: int, n_q: int, n_kv: int) -> tuple[int, int, int]:
-    k_tile = min(n_kv, K_TILE)
-    q_tile = min(n_q, Q_TILE, max(1, TILE_ELEMENTS // k_tile))
+def _tile_sizes(heads: int, n_q: int, n_kv: int, backward: bool = False) -> tuple[int, int, int]:
+    # The backward holds two score-sized tiles (P and dS) and writes dK, dV per key tile: square tiles.
+    k_tile = min(n_kv, BACKWARD_TILE if backward else K_TILE)
+    q_tile = min(n_q, BACKWARD_TILE if backward else Q_TILE, max(1, TILE_ELEMENTS // k_tile))
     group = max(1, min(heads, TILE_ELEMENTS // (q_tile * k_tile)))
     return group, q_tile, k_tile
 
@@ -55,8 +57,9 @@ def _query_tile(
     tiles: list[tuple[int, int, list[torch.Tensor]]],
     scores_buffer: torch.Tensor,
     exact: bool,
-) -> torch.Tensor | None:
-    """One query tile's unnormalised output with its row sums in the last column.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One query tile's unnormalised output with its row sums in the last column, and the maximum
+    (base 2) they are relative to, for the log-sum-exp the backward needs.
 
     Key tiles take exact steps (own maximum, rescaling what came before) until every row has seen a
     finite score; after that they use that lagged maximum: GEMM, exp2, GEMM accumulated in place.
@@ -84,7 +87,134 @@ def _query_tile(
             neg_offset = row_max.neg()
     if neg_offset is not None and not (acc[..., head_dim].max().item() <= OVERFLOW_LIMIT and acc.isfinite().all()):
         return None
-    return acc
+    return acc, row_max.masked_fill(torch.isneginf(row_max), 0.0)  # (G, n, D + 1), (G, n, 1)
+
+
+def _diagonal_mask(i: int, n: int, j: int, w: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(i, i + n, device=device)[:, None]
+    return torch.arange(j, j + w, device=device) <= rows  # (n, w), top-left causal
+
+
+def _key_tiles(i: int, n: int, n_kv: int, k_tile: int, causal: bool, mask_rows, device) -> list:
+    """The key tiles query rows i..i+n see: (start, width, masks), causal tiles above the diagonal skipped."""
+    tiles = []
+    for j in range(0, n_kv, k_tile):
+        if causal and j > i + n - 1:
+            break  # this and all later key tiles are fully masked for these rows
+        w = min(k_tile, n_kv - j)
+        masks = [] if mask_rows is None else [mask_rows[..., j : j + w]]  # (G, n, w)
+        if causal and j + w - 1 > i:  # a tile on the diagonal
+            masks.append(_diagonal_mask(i, n, j, w, device))
+        tiles.append((j, w, masks))
+    return tiles
+
+
+def _layout(q, k, v, mask, scale):
+    """Work-dtype views shared by forward and backward: base-2 pre-scaled q, kᵀ, v; batch·heads fused
+    into one axis when there is no mask (fewer, larger tiles)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    qs = q.to(work) * (scale * LOG2E)  # (B, H, Nq, D), scores come out in base 2
+    k_w, v_w = k.to(work), v.to(work)  # (B, H, Nkv, D)
+    if mask is None:
+        qs, k_w, v_w = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_w, v_w))  # (1, B·H, N, D)
+    else:
+        mask = mask.expand(batch, heads, n_q, n_kv)  # (B, H, Nq, Nkv), a view: no copy
+    return work, qs, k_w, v_w, mask
+
+
+def _forward(q, k, v, causal: bool, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, D) in the work dtype and the rows' log-sum-exp in base 2, (B, H, Nq)."""
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    work, qs, k_w, v_w, mask = _layout(q, k, v, mask, scale)
+    k_t = k_w.transpose(-2, -1)  # (., ., D, Nkv)
+    v_ones = torch.cat([v_w, v_w.new_ones((*v_w.shape[:3], 1))], dim=-1)  # (., ., Nkv, D + 1)
+    out = torch.empty(qs.shape, dtype=work, device=q.device)  # (., ., Nq, D)
+    lse = torch.empty(qs.shape[:3], dtype=work, device=q.device)  # (., ., Nq)
+    group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv)
+    scores_buffer = torch.empty(group * q_tile * k_tile, dtype=work, device=q.device)  # one (G, Tq, Tk) tile
+
+    for b in range(qs.shape[0]):
+        for h in range(0, qs.shape[1], group):
+            hs = slice(h, min(h + group, qs.shape[1]))
+            for i in range(0, n_q, q_tile):
+                n = min(q_tile, n_q - i)
+                rows = None if mask is None else mask[b, hs, i : i + n]
+                tiles = _key_tiles(i, n, n_kv, k_tile, causal, rows, q.device)
+                # q tile (G, n, D), all keys (G, D, Nkv) and values (G, Nkv, D + 1) of the head group
+                args = (qs[b, hs, i : i + n], k_t[b, hs], v_ones[b, hs], tiles, scores_buffer)
+                done = _query_tile(*args, exact=False) or _query_tile(*args, exact=True)
+                acc, row_max = done  # (G, n, D + 1): unnormalised output | row sum; (G, n, 1)
+                # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.
+                total = acc[..., head_dim:]
+                torch.div(acc[..., :head_dim], total.clamp_min(1e-30), out=out[b, hs, i : i + n])
+                lse[b, hs, i : i + n] = (row_max + torch.log2(total)).squeeze(-1)  # -inf where no key
+    return out.reshape(batch, heads, n_q, head_dim), lse.reshape(batch, heads, n_q)
+
+
+def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
+    """FlashAttention-2's backward: score tiles recomputed from the saved log-sum-exp, never stored whole.
+
+    Per tile pair: S = q kᵀ (base 2), P = 2^(S − lse), dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) with
+    Δ = rowsum(dO ∘ O), dQ += dS K · scale, dK += dSᵀ Q · scale: five GEMMs against the forward's two.
+    """
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    work, qs, k_w, v_w, mask = _layout(q, k, v, mask, scale)
+    fused = mask is None
+    shape = qs.shape[:2]
+    do = dout.to(work).reshape(*shape, n_q, head_dim)  # (., ., Nq, D)
+    delta = (do * out.to(work).reshape(*shape, n_q, head_dim)).sum(-1, keepdim=True)  # (., ., Nq, 1)
+    # A row that saw no key has lse = -inf; +inf makes its P exactly 0 (gradients 0, not NaN).
+    lse = lse.to(work).reshape(*shape, n_q, 1)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    dq = torch.zeros_like(qs)  # (., ., Nq, D)
+    dk, dv = torch.zeros_like(k_w), torch.zeros_like(v_w)  # (., ., Nkv, D)
+    group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv, backward=True)
+    buffers = torch.empty(2, group * q_tile * k_tile, dtype=work, device=q.device)
+    for b in range(shape[0]):
+        for h in range(0, shape[1], group):
+            hs = slice(h, min(h + group, shape[1]))
+            g = hs.stop - hs.start
+            for i in range(0, n_q, q_tile):
+                n = min(q_tile, n_q - i)
+                rows = None if fused else mask[b, hs, i : i + n]
+                q_i, do_i = qs[b, hs, i : i + n], do[b, hs, i : i + n]  # (G, n, D)
+                lse_i, delta_i, dq_i = lse[b, hs, i : i + n], delta[b, hs, i : i + n], dq[b, hs, i : i + n]
+                for j, w, masks in _key_tiles(i, n, n_kv, k_tile, causal, rows, q.device):
+                    k_j, v_j = k_w[b, hs, j : j + w], v_w[b, hs, j : j + w]  # (G, w, D)
+                    p = buffers[0, : g * n * w].view(g, n, w)
+                    torch.bmm(q_i, k_j.transpose(-2, -1), out=p)
+                    _apply_masks(p, masks)
+                    p.sub_(lse_i).exp2_()  # P, the forward's probabilities, recomputed
+                    dv[b, hs, j : j + w].baddbmm_(p.transpose(-2, -1), do_i)
+                    ds = buffers[1, : g * n * w].view(g, n, w)
+                    torch.bmm(do_i, v_j.transpose(-2, -1), out=ds)  # dP
+                    ds.sub_(delta_i).mul_(p)  # dS = P ∘ (dP − Δ)
+                    dq_i.baddbmm_(ds, k_j, alpha=scale)
+                    # q_i is q · scale · log2 e: dividing by log2 e leaves dK = dSᵀ q · scale.
+                    dk[b, hs, j : j + w].baddbmm_(ds.transpose(-2, -1), q_i, alpha=1 / LOG2E)
+    return (t.reshape(batch, heads, -1, head_dim) for t in (dq, dk, dv))
+
+
+class _MemoryEfficientAttention(torch.autograd.Function):
+    """Saves q, k, v, the output and the per-row log-sum-exp (O(N)); the backward recomputes tiles."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, mask):
+        out, lse = _forward(q, k, v, causal, scale, mask)
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse, *([] if mask is None else [mask]))
+        ctx.causal, ctx.scale, ctx.masked = causal, scale, mask is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.causal, ctx.scale, rest[0] if rest else None)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 @register("memory_efficient", variants=DOT_PRODUCT_VARIANTS)
@@ -98,45 +228,7 @@ def memory_efficient(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiled exact attention with an online (running max / log-sum-exp) softmax, O(N) extra memory."""
-    out_dtype = q.dtype
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, heads, n_q, head_dim = q.shape
-    n_kv = k.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-
-    qs = q.to(work) * (scale * LOG2E)  # (B, H, Nq, D), scores come out in base 2
-    k_t = k.to(work).transpose(-2, -1)  # (B, H, D, Nkv)
-    v_ones = torch.cat([v.to(work), v.new_ones((*v.shape[:3], 1), dtype=work)], dim=-1)  # (B, H, Nkv, D + 1)
-    out = torch.empty(q.shape, dtype=work, device=q.device)  # (B, H, Nq, D)
-    if mask is None:
-        # Without a mask, batch and heads are one axis: fewer, larger tiles.
-        qs, k_t, v_ones, out = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_t, v_ones, out))
-        # (1, B·H, Nq, D), (1, B·H, D, Nkv), (1, B·H, Nkv, D + 1), (1, B·H, Nq, D)
-    else:
-        mask = mask.expand(batch, heads, n_q, n_kv)  # (B, H, Nq, Nkv), a view: no copy
-    group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv)
-    scores_buffer = torch.empty(group * q_tile * k_tile, dtype=work, device=q.device)  # one (G, Tq, Tk) tile
-
-    for b in range(qs.shape[0]):
-        for h in range(0, qs.shape[1], group):
-            hs = slice(h, min(h + group, qs.shape[1]))
-            for i in range(0, n_q, q_tile):
-                n = min(q_tile, n_q - i)
-                tiles = []
-                for j in range(0, n_kv, k_tile):
-                    if causal and j > i + n - 1:
-                        break  # this and all later key tiles are fully masked for these rows
-                    w = min(k_tile, n_kv - j)
-                    masks = [] if mask is None else [mask[b, hs, i : i + n, j : j + w]]  # (G, n, w)
-                    if causal and j + w - 1 > i:  # a tile on the diagonal
-                        rows = torch.arange(i, i + n, device=q.device)[:, None]
-                        masks.append(torch.arange(j, j + w, device=q.device) <= rows)  # (n, w)
-                    tiles.append((j, w, masks))
-                # q tile (G, n, D), all keys (G, D, Nkv) and values (G, Nkv, D + 1) of the head group
-                args = (qs[b, hs, i : i + n], k_t[b, hs], v_ones[b, hs], tiles, scores_buffer)
-                acc = _query_tile(*args, exact=False)  # (G, n, D + 1): unnormalised output | row sum
-                if acc is None:
-                    acc = _query_tile(*args, exact=True)
-                # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.
-                torch.div(acc[..., :head_dim], acc[..., head_dim:].clamp_min(1e-30), out=out[b, hs, i : i + n])
-    return out.reshape(batch, heads, n_q, head_dim).to(out_dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _MemoryEfficientAttention.apply(q, k, v, causal, scale, mask)
+    return _forward(q, k, v, causal, scale, mask)[0].to(q.dtype)

@@ -48,3 +48,18 @@ def test_asv_check_passes():
     assert asv, "asv is installed by the test extra"
     done = subprocess.run([asv, "check", "-E", "existing"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "No problems found" in done.stdout, done.stdout + done.stderr
+
+
+def test_backward_benchmarks_exist_for_every_variant_and_run_a_real_backward():
+    from benchmarks import kernels
+
+    for variant in kernels.SUITE.variants:
+        cls = getattr(kernels, f"{variant}_backward")
+        assert cls.params[0] == registry.names(variant) and {"time_backward", "peakmem_backward"} <= set(dir(cls))
+    bench = kernels.multi_head_backward()
+    bench.setup("memory_efficient", 256)
+    bench.time_backward("memory_efficient", 256)
+    q = bench.case.inputs.args[0]
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="backward"):
+        bench.setup("flex", 256)  # torch has no flex_attention backward on CPU

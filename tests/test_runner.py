@@ -261,3 +261,22 @@ def test_the_eta_is_the_predicted_time_before_any_case_ends():
 def test_a_clean_local_run_starts_one_worker(tmp_path):
     result = run_suite(parse_text(suite_text(["naive", "sdpa"], seq_len="[16, 32]")), tmp_path / "run")
     assert len(result.records) == 4 and result.worker_starts == 1
+
+
+def test_training_directions_record_gradients_saved_memory_and_scaled_flops(tmp_path):
+    text = suite_text(["naive", "memory_efficient"], seq_len="[48]").replace(
+        "threads: [1]}", "threads: [1], direction: [fwd, bwd, fwd_bwd]}"
+    )
+    records = {r["case_id"]: r for r in run_suite(parse_text(text), tmp_path / "run").records}
+    fwd = "multi_head/memory_efficient/b1-h2-n48-d16-float32-cpu-t1"
+    assert {fwd, fwd + "-bwd", fwd + "-fwd_bwd"} <= set(records)  # forward ids are what they always were
+    for suffix, factor in (("", 1.0), ("-bwd", 2.5), ("-fwd_bwd", 3.5)):
+        r = records[fwd + suffix]
+        assert r["status"] == "ok" and r["accurate"] is True, r["reason"]
+        flops = 4 * 2 * 48 * 48 * 16 * factor
+        assert math.isclose(r["tflops"], flops / r["time_s"]["median"] / 1e12, rel_tol=1e-9)
+        if suffix:
+            assert set(r["grad_max_abs_err"]) == {"dq", "dk", "dv"} and r["saved_bytes"] is not None
+            assert all(r["grad_max_abs_err"][g] <= r["grad_tolerance"][g] for g in ("dq", "dk", "dv"))
+        else:
+            assert r.get("grad_max_abs_err") is None and r.get("saved_bytes") is None

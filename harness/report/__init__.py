@@ -18,10 +18,23 @@ from harness.errors import InputError
 from harness.report.plots import FAILED, plot_rooflines, plot_tasks, plottable_groups, write_plots
 from harness.results import latest_records, read_records, to_frame, write_csv
 
-SHAPE_KEYS = ["variant", "batch", "heads", "seq_len", "seq_len_kv", "head_dim", "dtype", "device", "threads", "causal"]
+SHAPE_KEYS = [
+    "variant",
+    "direction",
+    "batch",
+    "heads",
+    "seq_len",
+    "seq_len_kv",
+    "head_dim",
+    "dtype",
+    "device",
+    "threads",
+    "causal",
+]
 TABLE_COLUMNS = [
     "variant",
     "implementation",
+    "direction",
     "batch",
     "heads",
     "seq_len",
@@ -43,6 +56,7 @@ TABLE_COLUMNS = [
     "first_call_s",
     "gpu_clock_mhz",
     "peak_memory_bytes",
+    "saved_bytes",
     "max_abs_err",
     "tolerance",
     "accurate",

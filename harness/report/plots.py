@@ -21,7 +21,18 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-GROUP_KEYS = ("variant", "dtype", "device", "batch", "heads", "head_dim", "seq_len_kv", "threads", "causal")
+GROUP_KEYS = (
+    "variant",
+    "direction",
+    "dtype",
+    "device",
+    "batch",
+    "heads",
+    "head_dim",
+    "seq_len_kv",
+    "threads",
+    "causal",
+)
 FAILED = ("error", "timeout", "oom", "crash")
 _PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
 _FIXED = [
@@ -60,7 +71,7 @@ class Figure:
 def group_title(key: tuple) -> str:
     values = dict(zip(GROUP_KEYS, key, strict=True))
     parts = [
-        values["variant"],
+        values["variant"] + ("" if values.get("direction") in (None, "fwd") else f" {values['direction']}"),
         values["dtype"],
         values["device"],
         f"B={values['batch']}",

@@ -44,6 +44,7 @@ class Sweep(_Strict):
     device: list[str] = Field(default=["cpu"], min_length=1)
     threads: list[Annotated[int, Field(strict=True, gt=0, le=1024)] | None] = Field(default=[None], min_length=1)
     causal: list[Annotated[bool, Field(strict=True)]] = Field(default=[False], min_length=1)
+    direction: list[Literal["fwd", "bwd", "fwd_bwd"]] = Field(default=["fwd"], min_length=1)
 
     @field_validator("device")
     @classmethod
@@ -125,6 +126,7 @@ class ExcludeRule(_Strict):
     device: list[str] | str | None = None
     threads: Condition = None
     causal: bool | None = None
+    direction: list[str] | str | None = None
     reason: str = ""
 
     def matches(self, variant: str, implementation: str, params: Params) -> bool:

@@ -22,7 +22,7 @@ CASES = [c for c in expand(SUITE) if not c.skip_reason]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
-def test_forward(benchmark, case):
+def test_kernel(benchmark, case):
     impl = registry.get(case.variant, case.implementation)
     ok, why = impl.available_for(case.params)
     if not ok:
@@ -32,10 +32,18 @@ def test_forward(benchmark, case):
     benchmark.group = f"{case.variant} n={case.params.seq_len}"
     benchmark.extra_info.update(case.params.as_dict())
 
-    def forward() -> torch.Tensor:
-        with torch.inference_mode():
-            return prepared.call()
+    if case.params.direction == "fwd":
 
-    out = benchmark(forward)
-    assert out.shape == prepared.inputs.args[0].shape
-    benchmark.extra_info["tflops"] = prepared.flops / benchmark.stats.stats.median / 1e12
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return prepared.call()
+
+        out = benchmark(step)
+        assert out.shape == prepared.inputs.args[0].shape
+    else:
+        with torch.enable_grad():
+            timed = prepared.step()  # bwd: an untimed forward, then backward on its retained graph
+            benchmark(timed)
+        assert all(t.grad is not None for t in prepared.inputs.grad_leaves().values())
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain correctness run)
+        benchmark.extra_info["tflops"] = prepared.flops / benchmark.stats.stats.median / 1e12
