@@ -114,25 +114,17 @@ def _write(folder: Path, records: list[dict]) -> None:
             run.append(r)
 
 
+def _compare_cli(tmp_path: Path) -> subprocess.CompletedProcess:
+    """`harness compare a b --markdown pr.md` in tmp_path, as a user runs it."""
+    args = ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--markdown", str(tmp_path / "pr.md")]
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT)
+
+
 @pytest.mark.parametrize(("new_mean", "code"), [(1.0, 0), (1.3, 1)])
 def test_cli_compare_exits_1_only_on_a_regression(tmp_path, new_mean, code):
     _write(tmp_path / "a", [record(noisy(1.0, 0.01, 20, 11))])
     _write(tmp_path / "b", [record(noisy(new_mean, 0.01, 20, 12))])
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "compare",
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-            "--markdown",
-            str(tmp_path / "pr.md"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    done = _compare_cli(tmp_path)
     assert done.returncode == code, done.stderr
     assert (tmp_path / "pr.md").read_text().startswith("### Attention harness benchmark")
 
@@ -167,21 +159,7 @@ def test_differing_environments_are_stated_before_the_verdicts(tmp_path):
     _write(tmp_path / "b", [record(noisy(1.0, 0.01, 20, 12))])
     (tmp_path / "a" / "env.json").write_text(json.dumps({"cpu": "AMD EPYC", "torch": "2.13.0", "gpus": []}))
     (tmp_path / "b" / "env.json").write_text(json.dumps({"cpu": "AMD EPYC", "torch": "2.14.1", "gpus": []}))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "compare",
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-            "--markdown",
-            str(tmp_path / "pr.md"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    done = _compare_cli(tmp_path)
     assert done.returncode == 0, done.stderr
     assert "different environments" in done.stderr and "torch: '2.13.0' (base) vs '2.14.1' (new)" in done.stderr
     assert "environments differ" in (tmp_path / "pr.md").read_text()

@@ -31,19 +31,11 @@ SHAPE_KEYS = [
     "threads",
     "causal",
 ]
+# The table of every case: what it is (its shape keys), then what was measured.
 TABLE_COLUMNS = [
     "variant",
     "implementation",
-    "direction",
-    "batch",
-    "heads",
-    "seq_len",
-    "seq_len_kv",
-    "head_dim",
-    "dtype",
-    "device",
-    "threads",
-    "causal",
+    *SHAPE_KEYS[1:],
     "status",
     "time_median",
     "time_iqr",
