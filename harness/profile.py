@@ -65,11 +65,14 @@ def profile_case(case: Case, out_dir: Path, calls: int = 3, seed: int = 0) -> di
     if case.params.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     slug = _slug(case.case_id)
-    with torch.inference_mode():
-        prepared.call()  # warm-up: lazy init and compilation stay out of the trace
+    # The direction's step: the kernel, its backward on a retained graph, or both (harness.measure).
+    training = case.params.direction != "fwd"
+    with torch.enable_grad() if training else torch.inference_mode():
+        step = prepared.step()
+        step()  # warm-up: lazy init and compilation stay out of the trace
         with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
             for _ in range(calls):
-                prepared.call()
+                step()
             if case.params.device.startswith("cuda"):
                 torch.cuda.synchronize()
     # A trace can be exported once: TensorBoard's handler writes it (Chrome trace format, which
