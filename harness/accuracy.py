@@ -226,17 +226,20 @@ def reference_grads(variant: Variant, inputs: Inputs, dout: torch.Tensor) -> dic
         name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
         for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True)
     }
+    group = q.shape[1] // k.shape[1]  # query heads per kv head (1 without grouped-query attention)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            leaves = [as64(t[b : b + 1, h : h + 1]) for t in (q, k, v)]
+            hk = h // group
+            leaves = [as64(q[b : b + 1, h : h + 1]), as64(k[b : b + 1, hk : hk + 1]), as64(v[b : b + 1, hk : hk + 1])]
             kwargs = dict(inputs.kwargs)
             if mask is not None:
                 m = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
                 kwargs["mask"] = m[b : b + 1, h : h + 1]
             with torch.enable_grad():
                 variant.reference(Inputs(tuple(leaves), kwargs)).backward(dout[b : b + 1, h : h + 1].double())
-            for name, leaf in zip(("dq", "dk", "dv"), leaves, strict=True):
-                grads[name][b, h] = leaf.grad[0, 0]
+            grads["dq"][b, h] = leaves[0].grad[0, 0]
+            grads["dk"][b, hk] += leaves[1].grad[0, 0]  # a kv head's gradient sums over its query heads
+            grads["dv"][b, hk] += leaves[2].grad[0, 0]
     return grads
 
 
@@ -259,4 +262,5 @@ def reduction_terms(inputs: Inputs) -> dict[str, int]:
         weights = {f"d{n}": pixels for n in ("w_g", "b_g", "w_x", "b_x", "w_psi", "b_psi")}
         return {"dx": f_int, "dg": f_int} | weights
     q, k, _ = inputs.args
-    return {"dq": k.shape[2], "dk": q.shape[2], "dv": q.shape[2]}
+    group = q.shape[1] // k.shape[1]  # a kv head's gradient also sums over its query heads
+    return {"dq": k.shape[2], "dk": q.shape[2] * group, "dv": q.shape[2] * group}

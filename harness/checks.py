@@ -22,8 +22,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         raise InputError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise InputError(f"q, k and v must agree in batch and heads, got {_shape(q)}, {_shape(k)}, {_shape(v)}")
+    if q.shape[0] != k.shape[0] or k.shape[:2] != v.shape[:2] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise InputError(
+            f"q, k and v must agree in batch and heads (k and v may have fewer heads that divide q's: "
+            f"grouped-query attention), got {_shape(q)}, {_shape(k)}, {_shape(v)}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise InputError(f"k's head_dim must equal q's: q {_shape(q)}, k {_shape(k)}")
     if k.shape[2] != v.shape[2]:

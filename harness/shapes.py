@@ -28,6 +28,7 @@ class Params:
 
     batch: int = 1
     heads: int = 1
+    kv_heads: int | None = None  # grouped-query attention: k and v have this many heads (None: `heads`)
     seq_len: int = 128
     seq_len_kv: int | None = None
     head_dim: int = 64
@@ -41,10 +42,15 @@ class Params:
     def kv_len(self) -> int:
         return self.seq_len if self.seq_len_kv is None else self.seq_len_kv
 
+    @property
+    def kv_head_count(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "batch": self.batch,
             "heads": self.heads,
+            "kv_heads": self.kv_heads,
             "seq_len": self.seq_len,
             "seq_len_kv": self.seq_len_kv,
             "head_dim": self.head_dim,
@@ -66,7 +72,8 @@ def case_id(variant: str, implementation: str, p: Params) -> str:
     threads = f"-t{p.threads}" if p.threads is not None else ""
     causal = "-causal" if p.causal else ""
     direction = "" if p.direction == "fwd" else f"-{p.direction}"  # forward ids stay what they were
-    shape = f"b{p.batch}-h{p.heads}-n{p.seq_len}{kv}-d{p.head_dim}"
+    groups = "" if p.kv_heads in (None, p.heads) else f"g{p.kv_heads}"  # h32g8: 32 query heads, 8 kv heads
+    shape = f"b{p.batch}-h{p.heads}{groups}-n{p.seq_len}{kv}-d{p.head_dim}"
     return f"{variant}/{implementation}/{shape}-{p.dtype}-{p.device}{threads}{causal}{direction}"
 
 
@@ -124,10 +131,11 @@ def dot_product_bytes(p: Params) -> float:
     The least traffic any implementation can have; a kernel that re-reads k and v per query tile
     moves more, which is exactly what a memory-bound fraction below 1 shows.
     """
-    forward = 2 * p.seq_len + 2 * p.kv_len  # q, k, v read; out written
-    backward = 4 * p.seq_len + 4 * p.kv_len  # q, out, dout, k, v read; dq, dk, dv written
+    queries, keys = p.heads * p.seq_len, p.kv_head_count * p.kv_len  # rows of q/out and of k/v
+    forward = 2 * queries + 2 * keys  # q, k, v read; out written
+    backward = 4 * queries + 4 * keys  # q, out, dout, k, v read; dq, dk, dv written
     rows = {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}[p.direction]
-    return float(DTYPE_BYTES[p.dtype] * p.batch * p.heads * p.head_dim * rows)
+    return float(DTYPE_BYTES[p.dtype] * p.batch * p.head_dim * rows)
 
 
 def gate_bytes(p: Params) -> float:

@@ -158,6 +158,15 @@ class DotProductVariant(Variant):
         _positive(params, "batch", "heads", "seq_len", "head_dim")
         if self.single_head and params.heads != 1:
             params = replace(params, heads=1)
+        if params.kv_heads is not None:
+            _positive(params, "kv_heads")
+            if params.heads % params.kv_heads:
+                raise InputError(
+                    f"kv_heads must divide heads (each kv head serves heads / kv_heads query heads): "
+                    f"heads={params.heads}, kv_heads={params.kv_heads}"
+                )
+            if params.kv_heads == params.heads:
+                params = replace(params, kv_heads=None)  # plain multi-head: the same case, the same id
         if self.cross:
             if params.seq_len_kv is None:
                 raise InputError(f"{self.name} needs seq_len_kv (the key/value length, Nkv != Nq)")
@@ -177,8 +186,8 @@ class DotProductVariant(Variant):
         gen = torch.Generator().manual_seed(seed)
         b, h, d = params.batch, params.heads, params.head_dim
         q = _randn((b, h, params.seq_len, d), gen, torch_type, device)
-        k = _randn((b, h, params.kv_len, d), gen, torch_type, device)
-        v = _randn((b, h, params.kv_len, d), gen, torch_type, device)
+        k = _randn((b, params.kv_head_count, params.kv_len, d), gen, torch_type, device)  # (B, H_kv, Nkv, D)
+        v = _randn((b, params.kv_head_count, params.kv_len, d), gen, torch_type, device)
         return Inputs((q, k, v), {"causal": params.causal})
 
     def flops(self, params: Params) -> float:
@@ -218,6 +227,9 @@ def reference_attention(
 
     n_q, n_kv, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // group
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     rows = rows or slice(0, n_q)
     start, stop, step = rows.indices(n_q)
     k64, v64 = k.double(), v.double()
@@ -265,6 +277,8 @@ class GateVariant(Variant):
             raise InputError("seq_len_kv is only for cross_attention; attention_gate has one image")
         if params.causal:
             raise InputError("causal does not apply to attention_gate")
+        if params.kv_heads is not None:
+            raise InputError("kv_heads does not apply to attention_gate (it has no keys and values)")
         return replace(params, heads=1)
 
     channels = staticmethod(shapes.gate_channels)

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import with_causal
+from implementations.masks import group_heads, with_causal
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
 CHUNK_ELEMENTS = 1 << 22
@@ -42,10 +42,10 @@ def chunked(
     For training, each chunk is checkpointed: the backward recomputes its scores instead of keeping
     every chunk's probabilities, so memory stays chunk-sized in both passes.
     """
-    batch, heads, n_q, head_dim = q.shape
-    n_kv = k.shape[2]
+    n_q, head_dim, n_kv = q.shape[-2], q.shape[-1], k.shape[-2]
     scale = head_dim**-0.5 if scale is None else scale
-    rows = max(1, CHUNK_ELEMENTS // (batch * heads * n_kv))
+    rows = max(1, CHUNK_ELEMENTS // (q.numel() // (n_q * head_dim) * n_kv))
+    q, k, v, mask, ungroup = group_heads(q, k, v, mask)  # GQA: (B, H_kv, G, N, D) views, kv heads not copied
     k_t = k.transpose(-2, -1)  # (B, H, D, Nkv)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = None if training else torch.empty_like(q)
@@ -60,9 +60,9 @@ def chunked(
         chunk_mask = with_causal(
             chunk_mask, causal, stop - start, n_keys, q.device, torch.arange(start, stop, device=q.device)
         )
-        args = (q[:, :, start:stop], k_t[..., :n_keys], v[:, :, :n_keys], chunk_mask, scale, mask is not None)
+        args = (q[..., start:stop, :], k_t[..., :n_keys], v[..., :n_keys, :], chunk_mask, scale, mask is not None)
         if training:
             pieces.append(checkpoint(_chunk, *args, use_reentrant=False))
         else:
-            out[:, :, start:stop] = _chunk(*args)
-    return torch.cat(pieces, dim=2) if training else out
+            out[..., start:stop, :] = _chunk(*args)
+    return ungroup(torch.cat(pieces, dim=-2) if training else out)

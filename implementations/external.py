@@ -68,6 +68,8 @@ def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...]
             return ok, why
         if dtypes and dtype is not None and dtype not in dtypes:
             return False, f"{package} supports {', '.join(dtypes)} only, not {dtype}"
+        if package == "xformers" and case.get("kv_heads") not in (None, case.get("heads")):
+            return False, "the xformers adapter maps multi-head inputs only (GQA needs xformers' 5-D BMGHK layout)"
         if package == "flash_attn" and case.get("causal") and case.get("seq_len_kv") not in (None, case.get("seq_len")):
             return False, "flash_attn aligns causal masks bottom-right when Nq != Nkv; the harness means top-left"
         if device is None:  # "in general": try the device this machine has, in a dtype every package takes
@@ -98,6 +100,8 @@ def xformers_attention(
 
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
+    if k.shape[1] != heads:
+        raise ValueError("xformers adapter: grouped-query attention (fewer k/v heads) is not mapped to BMGHK yet")
     bias: object = None
     empty_rows = None
     if mask is None and causal:

@@ -88,4 +88,7 @@ def flex(
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx, kv_idx]
 
-    return compile_static(flex_attention)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query attention natively: k, v keep their fewer heads
+    return compile_static(flex_attention)(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa
+    )

@@ -36,3 +36,20 @@ def with_causal(
     if mask.dtype == torch.bool:
         return mask & tri
     return mask.masked_fill(~tri, float("-inf"))
+
+
+def group_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """Grouped-query attention as views, without copying a kv head.
+
+    q (B, H, Nq, D) becomes (B, H_kv, G, Nq, D) and k, v (B, H_kv, Nkv, D) become (B, H_kv, 1, Nkv, D),
+    so matmuls broadcast each kv head over its G query heads; a mask broadcastable to (B, H, Nq, Nkv)
+    becomes one broadcastable to (B, H_kv, G, Nq, Nkv). Returns those and a function that turns a
+    grouped output back into (B, H, Nq, D). Without grouping everything is returned as it is.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads == kv_heads:
+        return q, k, v, mask, lambda out: out
+    group = heads // kv_heads
+    if mask is not None and mask.dim() >= 3:
+        mask = mask.unflatten(-3, (kv_heads, group)) if mask.shape[-3] == heads else mask.unsqueeze(-3)
+    return q.unflatten(1, (kv_heads, group)), k.unsqueeze(2), v.unsqueeze(2), mask, lambda out: out.flatten(1, 2)

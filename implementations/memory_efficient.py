@@ -34,11 +34,14 @@ BACKWARD_TILE = 512
 OVERFLOW_LIMIT = 2.0**40
 
 
-def _tile_sizes(heads: int, n_q: int, n_kv: int, backward: bool = False) -> tuple[int, int, int]:
+def _tile_sizes(kv_heads: int, n_q: int, n_kv: int, ratio: int = 1, backward: bool = False) -> tuple[int, int, int]:
+    """(kv heads per tile, query rows per head per tile, keys per tile). A tile's scores hold
+    kv heads × ratio × query rows × keys elements: with grouped-query attention the `ratio` query heads
+    of a kv head share its key tile, so fewer rows per head fit."""
     # The backward holds two score-sized tiles (P and dS) and writes dK, dV per key tile: square tiles.
     k_tile = min(n_kv, BACKWARD_TILE if backward else K_TILE)
-    q_tile = min(n_q, BACKWARD_TILE if backward else Q_TILE, max(1, TILE_ELEMENTS // k_tile))
-    group = max(1, min(heads, TILE_ELEMENTS // (q_tile * k_tile)))
+    q_tile = min(n_q, BACKWARD_TILE if backward else Q_TILE, max(1, TILE_ELEMENTS // (k_tile * ratio)))
+    group = max(1, min(kv_heads, TILE_ELEMENTS // (ratio * q_tile * k_tile)))
     return group, q_tile, k_tile
 
 
@@ -95,62 +98,90 @@ def _diagonal_mask(i: int, n: int, j: int, w: int, device: torch.device) -> torc
     return torch.arange(j, j + w, device=device) <= rows  # (n, w), top-left causal
 
 
-def _key_tiles(i: int, n: int, n_kv: int, k_tile: int, causal: bool, mask_rows, device) -> list:
-    """The key tiles query rows i..i+n see: (start, width, masks), causal tiles above the diagonal skipped."""
+def _key_tiles(i: int, n: int, n_kv: int, k_tile: int, causal: bool, mask_rows, ratio: int, device) -> list:
+    """The key tiles query rows i..i+n see: (start, width, masks), causal tiles above the diagonal skipped.
+
+    Masks come folded like the queries: (kv heads, ratio · n, w), the ratio query heads of a kv head
+    stacked row-wise (harness's grouped-query layout; ratio 1 without grouping).
+    """
     tiles = []
     for j in range(0, n_kv, k_tile):
         if causal and j > i + n - 1:
             break  # this and all later key tiles are fully masked for these rows
         w = min(k_tile, n_kv - j)
-        masks = [] if mask_rows is None else [mask_rows[..., j : j + w]]  # (G, n, w)
+        masks = []
+        if mask_rows is not None:  # (kv heads · ratio, n, Nkv)
+            tile = mask_rows[..., j : j + w]
+            masks.append(tile.reshape(tile.shape[0] // ratio, ratio * n, w))
         if causal and j + w - 1 > i:  # a tile on the diagonal
-            masks.append(_diagonal_mask(i, n, j, w, device))
+            diagonal = _diagonal_mask(i, n, j, w, device)  # (n, w)
+            masks.append(diagonal.repeat(ratio, 1) if ratio > 1 else diagonal)
         tiles.append((j, w, masks))
     return tiles
 
 
 def _layout(q, k, v, mask, scale):
-    """Work-dtype views shared by forward and backward: base-2 pre-scaled q, kᵀ, v; batch·heads fused
-    into one axis when there is no mask (fewer, larger tiles)."""
+    """Work-dtype views shared by forward and backward: base-2 pre-scaled q, k, v, and the query heads
+    per kv head. Batch and heads are fused into one axis when there is no mask and no grouping (fewer,
+    larger tiles). k and v are never repeated for grouped-query attention."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, n_q, head_dim = q.shape
-    n_kv = k.shape[2]
+    kv_heads, n_kv = k.shape[1], k.shape[2]
+    ratio = heads // kv_heads
     qs = q.to(work) * (scale * LOG2E)  # (B, H, Nq, D), scores come out in base 2
-    k_w, v_w = k.to(work), v.to(work)  # (B, H, Nkv, D)
-    if mask is None:
+    k_w, v_w = k.to(work), v.to(work)  # (B, H_kv, Nkv, D)
+    if mask is None and ratio == 1:
         qs, k_w, v_w = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_w, v_w))  # (1, B·H, N, D)
-    else:
+    elif mask is not None:
         mask = mask.expand(batch, heads, n_q, n_kv)  # (B, H, Nq, Nkv), a view: no copy
-    return work, qs, k_w, v_w, mask
+    return work, qs, k_w, v_w, mask, ratio
+
+
+def _fold(t: torch.Tensor, ratio: int) -> torch.Tensor:
+    """(kv heads · ratio, n, X) → (kv heads, ratio · n, X): a kv head's query heads as one row block."""
+    return t if ratio == 1 else t.reshape(t.shape[0] // ratio, ratio * t.shape[1], t.shape[2])
+
+
+def _unfold(t: torch.Tensor, ratio: int) -> torch.Tensor:
+    return t if ratio == 1 else t.reshape(t.shape[0] * ratio, t.shape[1] // ratio, t.shape[2])
+
+
+def _head_groups(kv_heads: int, group: int, ratio: int):
+    """(kv head slice, query head slice) per tile of `group` kv heads."""
+    for h in range(0, kv_heads, group):
+        ks = slice(h, min(h + group, kv_heads))
+        yield ks, slice(ks.start * ratio, ks.stop * ratio)
 
 
 def _forward(q, k, v, causal: bool, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (B, H, Nq, D) in the work dtype and the rows' log-sum-exp in base 2, (B, H, Nq)."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    work, qs, k_w, v_w, mask = _layout(q, k, v, mask, scale)
-    k_t = k_w.transpose(-2, -1)  # (., ., D, Nkv)
-    v_ones = torch.cat([v_w, v_w.new_ones((*v_w.shape[:3], 1))], dim=-1)  # (., ., Nkv, D + 1)
-    out = torch.empty(qs.shape, dtype=work, device=q.device)  # (., ., Nq, D)
-    lse = torch.empty(qs.shape[:3], dtype=work, device=q.device)  # (., ., Nq)
-    group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv)
-    scores_buffer = torch.empty(group * q_tile * k_tile, dtype=work, device=q.device)  # one (G, Tq, Tk) tile
+    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale)
+    k_t = k_w.transpose(-2, -1)  # (., H_kv, D, Nkv)
+    v_ones = torch.cat([v_w, v_w.new_ones((*v_w.shape[:3], 1))], dim=-1)  # (., H_kv, Nkv, D + 1)
+    out = torch.empty(qs.shape, dtype=work, device=q.device)  # (., H, Nq, D)
+    lse = torch.empty(qs.shape[:3], dtype=work, device=q.device)  # (., H, Nq)
+    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio)
+    scores_buffer = torch.empty(group * ratio * q_tile * k_tile, dtype=work, device=q.device)  # one tile
 
     for b in range(qs.shape[0]):
-        for h in range(0, qs.shape[1], group):
-            hs = slice(h, min(h + group, qs.shape[1]))
+        for ks, hs in _head_groups(k_w.shape[1], group, ratio):
             for i in range(0, n_q, q_tile):
                 n = min(q_tile, n_q - i)
                 rows = None if mask is None else mask[b, hs, i : i + n]
-                tiles = _key_tiles(i, n, n_kv, k_tile, causal, rows, q.device)
-                # q tile (G, n, D), all keys (G, D, Nkv) and values (G, Nkv, D + 1) of the head group
-                args = (qs[b, hs, i : i + n], k_t[b, hs], v_ones[b, hs], tiles, scores_buffer)
+                tiles = _key_tiles(i, n, n_kv, k_tile, causal, rows, ratio, q.device)
+                # q tile (G, ratio · n, D), the kv heads' keys (G, D, Nkv) and values (G, Nkv, D + 1)
+                args = (_fold(qs[b, hs, i : i + n], ratio), k_t[b, ks], v_ones[b, ks], tiles, scores_buffer)
                 done = _query_tile(*args, exact=False) or _query_tile(*args, exact=True)
-                acc, row_max = done  # (G, n, D + 1): unnormalised output | row sum; (G, n, 1)
+                acc, row_max = done  # (G, ratio · n, D + 1): unnormalised output | row sum; (G, ratio · n, 1)
                 # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.
                 total = acc[..., head_dim:]
-                torch.div(acc[..., :head_dim], total.clamp_min(1e-30), out=out[b, hs, i : i + n])
-                lse[b, hs, i : i + n] = (row_max + torch.log2(total)).squeeze(-1)  # -inf where no key
+                if ratio == 1:  # straight into the output, no temporary
+                    torch.div(acc[..., :head_dim], total.clamp_min(1e-30), out=out[b, hs, i : i + n])
+                else:
+                    out[b, hs, i : i + n] = _unfold(acc[..., :head_dim] / total.clamp_min(1e-30), ratio)
+                lse[b, hs, i : i + n] = _unfold(row_max + torch.log2(total), ratio).squeeze(-1)  # -inf: no key
     return out.reshape(batch, heads, n_q, head_dim), lse.reshape(batch, heads, n_q)
 
 
@@ -159,44 +190,47 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
 
     Per tile pair: S = q kᵀ (base 2), P = 2^(S − lse), dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) with
     Δ = rowsum(dO ∘ O), dQ += dS K · scale, dK += dSᵀ Q · scale: five GEMMs against the forward's two.
+    With grouped-query attention a kv head's query heads are one row block, so dK and dV sum over them
+    inside the GEMMs.
     """
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    work, qs, k_w, v_w, mask = _layout(q, k, v, mask, scale)
-    fused = mask is None
+    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale)
     shape = qs.shape[:2]
-    do = dout.to(work).reshape(*shape, n_q, head_dim)  # (., ., Nq, D)
-    delta = (do * out.to(work).reshape(*shape, n_q, head_dim)).sum(-1, keepdim=True)  # (., ., Nq, 1)
+    do = dout.to(work).reshape(*shape, n_q, head_dim)  # (., H, Nq, D)
+    delta = (do * out.to(work).reshape(*shape, n_q, head_dim)).sum(-1, keepdim=True)  # (., H, Nq, 1)
     # A row that saw no key has lse = -inf; +inf makes its P exactly 0 (gradients 0, not NaN).
     lse = lse.to(work).reshape(*shape, n_q, 1)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    dq = torch.zeros_like(qs)  # (., ., Nq, D)
-    dk, dv = torch.zeros_like(k_w), torch.zeros_like(v_w)  # (., ., Nkv, D)
-    group, q_tile, k_tile = _tile_sizes(qs.shape[1], n_q, n_kv, backward=True)
-    buffers = torch.empty(2, group * q_tile * k_tile, dtype=work, device=q.device)
+    dq = torch.zeros_like(qs)  # (., H, Nq, D)
+    dk, dv = torch.zeros_like(k_w), torch.zeros_like(v_w)  # (., H_kv, Nkv, D)
+    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, backward=True)
+    buffers = torch.empty(2, group * ratio * q_tile * k_tile, dtype=work, device=q.device)
     for b in range(shape[0]):
-        for h in range(0, shape[1], group):
-            hs = slice(h, min(h + group, shape[1]))
-            g = hs.stop - hs.start
+        for ks, hs in _head_groups(k_w.shape[1], group, ratio):
+            g = ks.stop - ks.start
             for i in range(0, n_q, q_tile):
                 n = min(q_tile, n_q - i)
-                rows = None if fused else mask[b, hs, i : i + n]
-                q_i, do_i = qs[b, hs, i : i + n], do[b, hs, i : i + n]  # (G, n, D)
-                lse_i, delta_i, dq_i = lse[b, hs, i : i + n], delta[b, hs, i : i + n], dq[b, hs, i : i + n]
-                for j, w, masks in _key_tiles(i, n, n_kv, k_tile, causal, rows, q.device):
-                    k_j, v_j = k_w[b, hs, j : j + w], v_w[b, hs, j : j + w]  # (G, w, D)
-                    p = buffers[0, : g * n * w].view(g, n, w)
+                rows = None if mask is None else mask[b, hs, i : i + n]
+                q_i, do_i = (_fold(t[b, hs, i : i + n], ratio) for t in (qs, do))  # (G, ratio · n, D)
+                lse_i, delta_i = (_fold(t[b, hs, i : i + n], ratio) for t in (lse, delta))  # (G, ratio · n, 1)
+                dq_i = torch.zeros_like(q_i)
+                m = ratio * n
+                for j, w, masks in _key_tiles(i, n, n_kv, k_tile, causal, rows, ratio, q.device):
+                    k_j, v_j = k_w[b, ks, j : j + w], v_w[b, ks, j : j + w]  # (G, w, D)
+                    p = buffers[0, : g * m * w].view(g, m, w)
                     torch.bmm(q_i, k_j.transpose(-2, -1), out=p)
                     _apply_masks(p, masks)
                     p.sub_(lse_i).exp2_()  # P, the forward's probabilities, recomputed
-                    dv[b, hs, j : j + w].baddbmm_(p.transpose(-2, -1), do_i)
-                    ds = buffers[1, : g * n * w].view(g, n, w)
+                    dv[b, ks, j : j + w].baddbmm_(p.transpose(-2, -1), do_i)
+                    ds = buffers[1, : g * m * w].view(g, m, w)
                     torch.bmm(do_i, v_j.transpose(-2, -1), out=ds)  # dP
                     ds.sub_(delta_i).mul_(p)  # dS = P ∘ (dP − Δ)
                     dq_i.baddbmm_(ds, k_j, alpha=scale)
                     # q_i is q · scale · log2 e: dividing by log2 e leaves dK = dSᵀ q · scale.
-                    dk[b, hs, j : j + w].baddbmm_(ds.transpose(-2, -1), q_i, alpha=1 / LOG2E)
-    return (t.reshape(batch, heads, -1, head_dim) for t in (dq, dk, dv))
+                    dk[b, ks, j : j + w].baddbmm_(ds.transpose(-2, -1), q_i, alpha=1 / LOG2E)
+                dq[b, hs, i : i + n] = _unfold(dq_i, ratio)
+    return dq.reshape(batch, heads, n_q, head_dim), *(t.reshape(batch, -1, n_kv, head_dim) for t in (dk, dv))
 
 
 class _MemoryEfficientAttention(torch.autograd.Function):

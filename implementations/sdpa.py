@@ -38,22 +38,31 @@ def _call(
     if mask is not None and causal:
         # SDPA refuses attn_mask together with is_causal; fold the causal mask in instead.
         mask, causal = with_causal(mask, True, q.shape[2], k.shape[2], q.device), False
+    # Grouped-query attention natively (torch >= 2.5): k and v keep their fewer heads.
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **gqa)
     with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **gqa)
 
 
 @functools.lru_cache(maxsize=256)
 def _probe(
-    backend: SDPBackend | None, device: str, dtype: str, head_dim: int, causal: bool, masked: bool, cross: bool
+    backend: SDPBackend | None,
+    device: str,
+    dtype: str,
+    head_dim: int,
+    causal: bool,
+    masked: bool,
+    cross: bool,
+    grouped: bool = False,
 ) -> tuple[bool, str]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return False, "no CUDA device"
     torch_type = getattr(torch, dtype)
     n_q, n_kv = (8, 12) if cross else (8, 8)
     q = torch.randn(1, 2, n_q, head_dim, device=device, dtype=torch_type)
-    k = torch.randn(1, 2, n_kv, head_dim, device=device, dtype=torch_type)
+    k = torch.randn(1, 1 if grouped else 2, n_kv, head_dim, device=device, dtype=torch_type)
     mask = torch.ones(n_q, n_kv, dtype=torch.bool, device=device) if masked else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,6 +85,8 @@ def _availability(backend: SDPBackend | None):
         causal: bool = False,
         masked: bool = False,
         seq_len_kv: int | None = None,
+        kv_heads: int | None = None,
+        heads: int = 1,
         **_: object,
     ) -> tuple[bool, str]:
         if device is None:
@@ -85,8 +96,16 @@ def _availability(backend: SDPBackend | None):
                 tries += [("cuda", "float16"), ("cuda", "bfloat16")]
             results = [_probe(backend, dev, dt, 64, False, False, False) for dev, dt in tries]
             return next((r for r in results if r[0]), results[-1])
+        grouped = kv_heads is not None and kv_heads != heads
         return _probe(
-            backend, str(device), dtype or "float32", int(head_dim), bool(causal), bool(masked), seq_len_kv is not None
+            backend,
+            str(device),
+            dtype or "float32",
+            int(head_dim),
+            bool(causal),
+            bool(masked),
+            seq_len_kv is not None,
+            grouped,
         )
 
     return check

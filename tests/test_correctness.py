@@ -188,3 +188,57 @@ def test_float64_inputs_stay_float64():
         out = inputs.call(registry.get("multi_head", name).fn)
         assert out.dtype == torch.float64
         assert torch.allclose(out, spec.reference(inputs), atol=1e-12)
+
+
+def _grouped_impls(variant: str = "multi_head", **case):
+    return [
+        i.name
+        for i in registry.implementations(variant)
+        if i.available("cpu", "float32", heads=4, kv_heads=2, head_dim=16, **case)[0]
+    ]
+
+
+@pytest.mark.parametrize("name", _grouped_impls())
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("variant", ["multi_head", "causal", "cross_attention"])
+def test_grouped_query_attention_matches_the_reference(name, kv_heads, variant):
+    spec = VARIANTS[variant]
+    params = spec.normalize(
+        Params(
+            batch=2,
+            heads=4,
+            kv_heads=kv_heads,
+            seq_len=45,
+            seq_len_kv=38 if variant == "cross_attention" else None,
+            head_dim=16,
+        )
+    )
+    inputs = spec.make_inputs(params, seed=12)
+    assert inputs.args[1].shape[1] == kv_heads  # kernels receive k, v with kv_heads heads
+    assert_accurate(variant, inputs, registry.get(variant, name))
+
+
+@pytest.mark.parametrize("name", _grouped_impls(masked=True))
+def test_grouped_query_attention_with_a_per_head_mask(name):
+    inputs = VARIANTS["cross_attention"].make_inputs(
+        Params(batch=2, heads=4, kv_heads=2, seq_len=33, seq_len_kv=41, head_dim=16), seed=13
+    )
+    inputs.kwargs.update(mask=_masked("bool", (2, 4), 33, 41, torch.float32), causal=True)
+    assert_accurate("cross_attention", inputs, registry.get("cross_attention", name))
+
+
+def test_memory_efficient_grouped_query_attention_across_ragged_tiles(small_tiles):
+    spec = VARIANTS["causal"]
+    inputs = spec.make_inputs(spec.normalize(Params(batch=1, heads=6, kv_heads=2, seq_len=71, head_dim=16)), seed=14)
+    assert_accurate("causal", inputs, registry.get("causal", "memory_efficient"))
+
+
+def test_kv_heads_must_divide_heads():
+    from harness.errors import InputError
+
+    with pytest.raises(InputError, match="kv_heads must divide heads"):
+        VARIANTS["multi_head"].normalize(Params(heads=8, kv_heads=3))
+    with pytest.raises(InputError, match="kv_heads does not apply to attention_gate"):
+        VARIANTS["attention_gate"].normalize(Params(seq_len=16, kv_heads=1))
+    same = VARIANTS["multi_head"].normalize(Params(heads=8, kv_heads=8))
+    assert same.kv_heads is None  # plain multi-head attention: the same case and case id as before

@@ -123,3 +123,19 @@ def test_memory_efficient_saves_row_statistics_not_score_matrices():
     # naive keeps its N² probabilities (4 MiB at N=1024 here); memory_efficient a float per row and head.
     assert saved[("naive", 1024)] >= 4 * 1024 * 1024 * 4
     assert saved[("memory_efficient", 1024)] < saved[("naive", 1024)] / 16
+
+
+@pytest.mark.parametrize("name", _with_backward(heads=4, kv_heads=2))
+@pytest.mark.parametrize("variant", ["multi_head", "causal"])
+def test_grouped_query_attention_gradients_sum_over_each_kv_heads_query_heads(name, variant):
+    spec = VARIANTS[variant]
+    inputs = spec.make_inputs(spec.normalize(Params(batch=2, heads=4, kv_heads=2, seq_len=29, head_dim=16)), seed=6)
+    assert_gradients_accurate(variant, inputs, name)
+
+
+def test_memory_efficient_grouped_backward_across_ragged_tiles(monkeypatch):
+    monkeypatch.setattr(memory_efficient_module, "BACKWARD_TILE", 16)
+    monkeypatch.setattr(memory_efficient_module, "TILE_ELEMENTS", 16 * 16 * 4)
+    spec = VARIANTS["causal"]
+    inputs = spec.make_inputs(spec.normalize(Params(batch=1, heads=6, kv_heads=2, seq_len=53, head_dim=16)), seed=7)
+    assert_gradients_accurate("causal", inputs, "memory_efficient")

@@ -86,7 +86,12 @@ BAD_CALLS = {
     "rank-3 q": (lambda q, k, v: (q[0], k, v), "q must have rank 4"),
     "head_dim mismatch": (lambda q, k, v: (q, k[..., :3], v), "head_dim"),
     "dtype mismatch": (lambda q, k, v: (q, k.double(), v), "one dtype"),
-    "heads mismatch": (lambda q, k, v: (q, k[:, :1], v[:, :1]), "batch and heads"),
+    # Fewer k/v heads that divide q's are grouped-query attention; 3 kv heads for 2 query heads are not.
+    "heads mismatch": (
+        lambda q, k, v: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)),
+        "batch and heads",
+    ),
+    "k/v heads differ": (lambda q, k, v: (q, k[:, :1], v), "batch and heads"),
     "batch broadcast": (lambda q, k, v: (q.expand(3, -1, -1, -1), k, v), "batch and heads"),
     "k/v length mismatch": (lambda q, k, v: (q, k, v[:, :, :5]), "same seq_len"),
     "not a tensor": (lambda q, k, v: (q.tolist(), k, v), "torch.Tensor"),

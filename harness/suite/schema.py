@@ -37,6 +37,7 @@ class Sweep(_Strict):
     variants: list[str] | None = Field(default=None, min_length=1)
     batch: list[Positive] = Field(default=[1], min_length=1)
     heads: list[Positive] = Field(default=[1], min_length=1)
+    kv_heads: list[Positive | None] = Field(default=[None], min_length=1)
     seq_len: list[Positive] = Field(min_length=1)
     seq_len_kv: list[Positive | None] = Field(default=[None], min_length=1)
     head_dim: list[Positive] = Field(default=[64], min_length=1)
@@ -119,6 +120,7 @@ class ExcludeRule(_Strict):
     implementation: list[str] | str | None = None
     batch: Condition = None
     heads: Condition = None
+    kv_heads: Condition = None
     seq_len: Condition = None
     seq_len_kv: Condition = None
     head_dim: Condition = None
