@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import group_heads, with_causal
+from implementations.masks import group_heads, grouped_matmul, with_causal
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
 CHUNK_ELEMENTS = 1 << 22
@@ -15,7 +15,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 def _chunk(q_c, k_t, v, mask_c, scale: float, empty_rows_possible: bool) -> torch.Tensor:
     """Exact attention of one query chunk over the keys it may see: (B, H, rows, D)."""
-    scores = torch.matmul(q_c, k_t).mul_(scale)  # (B, H, rows, keys)
+    scores = grouped_matmul(q_c, k_t).mul_(scale)  # (B, H, rows, keys), or (B, H_kv, G, rows, keys)
     if mask_c is not None:
         if mask_c.dtype == torch.bool:
             scores.masked_fill_(~mask_c, float("-inf"))
@@ -24,7 +24,7 @@ def _chunk(q_c, k_t, v, mask_c, scale: float, empty_rows_possible: bool) -> torc
     weights = torch.softmax(scores, dim=-1)
     if empty_rows_possible:  # fully masked rows give zeros (DESIGN's policy), not NaN
         weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    return torch.matmul(weights, v)
+    return grouped_matmul(weights, v)
 
 
 @register("chunked", variants=DOT_PRODUCT_VARIANTS)
@@ -45,8 +45,8 @@ def chunked(
     n_q, head_dim, n_kv = q.shape[-2], q.shape[-1], k.shape[-2]
     scale = head_dim**-0.5 if scale is None else scale
     rows = max(1, CHUNK_ELEMENTS // (q.numel() // (n_q * head_dim) * n_kv))
-    q, k, v, mask, ungroup = group_heads(q, k, v, mask)  # GQA: (B, H_kv, G, N, D) views, kv heads not copied
-    k_t = k.transpose(-2, -1)  # (B, H, D, Nkv)
+    q, k, v, mask, ungroup = group_heads(q, k, v, mask)  # GQA: q as (B, H_kv, G, N, D), kv heads not copied
+    k_t = k.transpose(-2, -1)  # (B, H_kv, D, Nkv)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = None if training else torch.empty_like(q)
     pieces = []
