@@ -322,7 +322,8 @@ def to_frame(records: list[Record] | list[dict]):
     for r in (as_record(r).as_dict() for r in records):
         row = {k: v for k, v in r.items() if k not in ("params", "time_s", "roofline")}
         if r.get("params"):
-            row["direction"] = "fwd"  # records from before the direction axis timed the forward
+            # Records from before these axes: the forward, every head with its own k and v.
+            row["direction"], row["kv_heads"] = "fwd", None
         row.update(r.get("params") or {})
         for key, value in (r.get("time_s") or {}).items():
             if key not in ("samples", "round_medians"):

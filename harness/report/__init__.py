@@ -23,6 +23,7 @@ SHAPE_KEYS = [
     "direction",
     "batch",
     "heads",
+    "kv_heads",
     "seq_len",
     "seq_len_kv",
     "head_dim",

@@ -28,6 +28,7 @@ GROUP_KEYS = (
     "device",
     "batch",
     "heads",
+    "kv_heads",
     "head_dim",
     "seq_len_kv",
     "threads",
@@ -68,6 +69,10 @@ class Figure:
     png: bytes
 
 
+def _given(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def group_title(key: tuple) -> str:
     values = dict(zip(GROUP_KEYS, key, strict=True))
     parts = [
@@ -75,7 +80,7 @@ def group_title(key: tuple) -> str:
         values["dtype"],
         values["device"],
         f"B={values['batch']}",
-        f"H={values['heads']}",
+        f"H={values['heads']}" + (f"/{int(values['kv_heads'])} kv" if _given(values.get("kv_heads")) else ""),
         f"D={values['head_dim']}",
     ]
     if values["seq_len_kv"] is not None and not (
