@@ -227,14 +227,14 @@ def reference_grads(variant: Variant, inputs: Inputs, dout: torch.Tensor) -> dic
         for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True)
     }
     group = q.shape[1] // k.shape[1]  # query heads per kv head (1 without grouped-query attention)
+    full_mask = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             hk = h // group
             leaves = [as64(q[b : b + 1, h : h + 1]), as64(k[b : b + 1, hk : hk + 1]), as64(v[b : b + 1, hk : hk + 1])]
             kwargs = dict(inputs.kwargs)
-            if mask is not None:
-                m = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-                kwargs["mask"] = m[b : b + 1, h : h + 1]
+            if full_mask is not None:
+                kwargs["mask"] = full_mask[b : b + 1, h : h + 1]
             with torch.enable_grad():
                 variant.reference(Inputs(tuple(leaves), kwargs)).backward(dout[b : b + 1, h : h + 1].double())
             grads["dq"][b, h] = leaves[0].grad[0, 0]

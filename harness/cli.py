@@ -7,6 +7,7 @@ Bad input never shows a traceback: every InputError becomes one message on stder
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -218,7 +219,7 @@ def cmd_ceilings(args: argparse.Namespace) -> int:
 
     from harness.ceilings import ceilings_for, cross_check
 
-    if not args.device.startswith("cuda") and args.device != "cpu":
+    if not re.fullmatch(r"cpu|cuda|cuda:\d+", args.device):
         raise InputError(f"--device {args.device!r}: allowed values are cpu, cuda, cuda:N")
     if args.device.startswith("cuda"):
         import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
@@ -45,7 +46,9 @@ def predicted_seconds(case: Case, timing: Timing) -> float:
     except Exception:  # a name only another tree has (the gate): no compile assumed
         compiles = False
     else:
-        if not impl.available_for(case.params)[0]:
+        # Forward availability only: a backward probe compiles (torch.compile, flex) and belongs in the
+        # worker, not in the parent before the first case.
+        if not impl.available_for(replace(case.params, direction="fwd"))[0]:
             return CASE_OVERHEAD_S / 4  # the worker only says why not
         compiles = impl.compiles
     first = COMPILE_S if compiles else call

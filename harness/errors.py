@@ -31,3 +31,10 @@ def did_you_mean(name: str, known: Iterable[str], inline: bool = False) -> str:
     if not hint:
         return ""
     return f" (did you mean {hint!r}?)" if inline else f" Did you mean {hint!r}?"
+
+
+def first_line(exc: BaseException, limit: int) -> str:
+    """An exception's first message line, at most `limit` characters ('' when it has no message):
+    what a record, an availability reason or a check's row quotes of a kernel's or package's words."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else ""

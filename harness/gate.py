@@ -126,8 +126,6 @@ class _Sides:
             )
             for side in SIDES
         }
-        if first["base"].status == Status.skipped and first["head"].status == Status.skipped:
-            return first
         per_round: dict[str, list[Outcome]] = {side: [] for side in SIDES}
         for i in range(self.rounds if "time" in self.suite.measure else 0):
             cpus = round_cpus(case.params.threads, i)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.errors import first_line
 from harness.results import TASK_CACHE, Outcome, Record, Status, new_record
 from harness.shapes import Case, Params
 from harness.suite.schema import Limits, Timing
@@ -153,9 +154,7 @@ def prepare(variant: str, implementation: str, params: Params, seed: int = 0, in
     if params.direction != "fwd":
         inputs = inputs.with_grad()  # fresh leaves: each case's gradients are its own
         dout = make_dout(inputs.args[0], seed)
-    prepared = Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params))
-    prepared.dout = dout
-    return prepared
+    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params), dout)
 
 
 def make_dout(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -190,7 +189,7 @@ def _where(exc: BaseException) -> str:
 
 def failure_of(exc: BaseException) -> Outcome:
     """A kernel's exception as an outcome: oom or error, with the message and where it was raised."""
-    message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+    message = first_line(exc, 500)
     status = Status.oom if _is_oom(exc) else Status.error
     return Outcome.failure(status, f"{type(exc).__name__}: {message}{_where(exc)}")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness.errors import unknown_name
+from harness.errors import first_line, unknown_name
 
 if TYPE_CHECKING:
     import torch
@@ -115,11 +115,7 @@ def backward_probe(impl: Implementation, device: str, dtype: str, head_dim: int,
             missing = [name for name, t in inputs.grad_leaves().items() if t.grad is None]
             _BACKWARD_PROBES[key] = (False, f"no gradient for {', '.join(missing)}") if missing else (True, "")
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            _BACKWARD_PROBES[key] = (
-                False,
-                f"no backward here: {type(exc).__name__}: {lines[0][:200] if lines else ''}",
-            )
+            _BACKWARD_PROBES[key] = (False, f"no backward here: {type(exc).__name__}: {first_line(exc, 200)}")
     return _BACKWARD_PROBES[key]
 
 

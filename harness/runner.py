@@ -18,7 +18,6 @@ from harness.errors import InputError
 from harness.executors import make_executor, merge_shards
 from harness.measure import skip_reason
 from harness.results import (
-    FAILED,
     JSONL,
     RESULTS_ROOT,
     Record,
@@ -48,7 +47,7 @@ class RunResult:
 
     @property
     def failed(self) -> list[Record]:
-        return [r for r in self.records if r.status in FAILED]
+        return [r for r in self.records if r.failed]
 
     @property
     def inaccurate(self) -> list[Record]:

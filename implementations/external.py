@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from harness import registry
+from harness.errors import first_line
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import with_causal
@@ -52,8 +53,7 @@ def _probe(package: str, kernel: Callable, device: str, dtype: str, head_dim: in
             kernel()(q, k, v, causal=causal)
             _PROBES[key] = (True, "")
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            words = lines[0][:300] if lines else type(exc).__name__
+            words = first_line(exc, 300) or type(exc).__name__
             _PROBES[key] = (False, f"{package} imports but cannot run on {device}/{dtype}: {words}")
     return _PROBES[key]
 

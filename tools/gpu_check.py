@@ -50,12 +50,13 @@ class Row:
 
 def each(names: Iterable[str], measure: Callable[[str], Any]) -> Iterator[Row]:
     """`measure(name)` for every name; an implementation that raises is a row with its reason."""
+    from harness.errors import first_line
+
     for name in names:
         try:
             yield Row(name, measure(name))
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            yield Row(name, error=f"{type(exc).__name__}: {lines[0][:160] if lines else ''}")
+            yield Row(name, error=f"{type(exc).__name__}: {first_line(exc, 160)}")
 
 
 def _available(dtype: str, **case: Any) -> list[str]:
