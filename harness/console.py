@@ -128,17 +128,19 @@ def _bytes(n: float | None) -> str:
 
 
 def summary_table(records: list[Any]) -> Table:
-    """Per variant and implementation: cases, best TFLOP/s, largest peak memory, accuracy."""
+    """Per variant and implementation: cases, best TFLOP/s and GB/s, largest peak memory, accuracy."""
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for r in records:
         groups[(r["variant"], r["implementation"])].append(r)
     table = Table(title="summary", title_justify="left")
-    for column in ("variant", "implementation", "ok/run/all", "best TFLOP/s", "max peak memory", "accuracy", "failed"):
+    columns = ("variant", "implementation", "ok/run/all", "best TFLOP/s", "best GB/s", "max peak memory", "accuracy")
+    for column in (*columns, "failed"):
         table.add_column(column, justify="right" if column not in ("variant", "implementation") else "left")
     for (variant, name), rows in groups.items():
         ok = [r for r in rows if r["status"] == "ok"]
         run = [r for r in rows if r["status"] != "skipped"]
         best = max((r["tflops"] for r in ok if r.get("tflops")), default=None)
+        gbps = max((r["gbps"] for r in ok if r.get("gbps")), default=None)
         memory = max((r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes") is not None), default=None)
         checked = [r for r in ok if r.get("accurate") is not None]
         bad = [r for r in checked if not r["accurate"]]
@@ -149,6 +151,7 @@ def summary_table(records: list[Any]) -> Table:
             name,
             f"{len(ok)}/{len(run)}/{len(rows)}",
             f"{best:.3f}" if best else "-",
+            f"{gbps:.1f}" if gbps else "-",
             _bytes(memory),
             accuracy,
             f"[red]{failed}[/red]" if failed else "0",

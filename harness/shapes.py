@@ -102,6 +102,12 @@ def dot_product_flops(p: Params) -> float:
     return total / 2 if p.causal else total
 
 
+def decode_flops(p: Params) -> float:
+    """Two matmuls per (query, key) pair a decode step computes: query i of Nq sees Nkv − Nq + i + 1 keys."""
+    pairs = p.seq_len * p.kv_len - p.seq_len * (p.seq_len - 1) / 2
+    return 4.0 * p.batch * p.heads * pairs * p.head_dim
+
+
 def gate_channels(p: Params) -> tuple[int, int, int]:
     """(Cx, Cg, F_int) of an attention-gate case: head_dim is the channel count, F_int half of it."""
     return p.head_dim, p.head_dim, max(1, p.head_dim // 2)

@@ -158,6 +158,22 @@ class DotProductVariant(Variant):
         _positive(params, "batch", "heads", "seq_len", "head_dim")
         if self.single_head and params.heads != 1:
             params = replace(params, heads=1)
+        params = self._grouped(params)
+        if self.cross:
+            if params.seq_len_kv is None:
+                raise InputError(f"{self.name} needs seq_len_kv (the key/value length, Nkv != Nq)")
+            _positive(params, "seq_len_kv")
+        elif params.seq_len_kv is not None:
+            raise InputError(
+                f"seq_len_kv is only for cross_attention and decode; {self.name} attends within one sequence"
+            )
+        if self.always_causal and not params.causal:
+            params = replace(params, causal=True)
+        return params
+
+    @staticmethod
+    def _grouped(params: Params) -> Params:
+        """kv_heads checked; kv_heads == heads is plain multi-head attention: the same case, the same id."""
         if params.kv_heads is not None:
             _positive(params, "kv_heads")
             if params.heads % params.kv_heads:
@@ -166,15 +182,7 @@ class DotProductVariant(Variant):
                     f"heads={params.heads}, kv_heads={params.kv_heads}"
                 )
             if params.kv_heads == params.heads:
-                params = replace(params, kv_heads=None)  # plain multi-head: the same case, the same id
-        if self.cross:
-            if params.seq_len_kv is None:
-                raise InputError(f"{self.name} needs seq_len_kv (the key/value length, Nkv != Nq)")
-            _positive(params, "seq_len_kv")
-        elif params.seq_len_kv is not None:
-            raise InputError(f"seq_len_kv is only for cross_attention; {self.name} attends within one sequence")
-        if self.always_causal and not params.causal:
-            params = replace(params, causal=True)
+                params = replace(params, kv_heads=None)
         return params
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
@@ -206,6 +214,69 @@ class DotProductVariant(Variant):
             scale=inputs.kwargs.get("scale"),
             mask=inputs.kwargs.get("mask"),
         )
+
+
+# Decode's new tokens: 1 (plain generation) up to a draft of speculative decoding.
+DECODE_MAX_NEW_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class DecodeVariant(DotProductVariant):
+    """Generation with a KV cache: Nq new tokens (`seq_len`) attend to a cache of Nkv (`seq_len_kv`).
+
+    The new tokens are the cache's last Nq positions, so query i sees keys j ≤ Nkv − Nq + i: kernels get
+    `causal=True` when Nq > 1 and must align it bottom-right (flash_attn's and FlashInfer's convention
+    with a KV cache), unlike the other variants' top-left `is_causal`. Nq = 1 sees the whole cache.
+    Inference only: there is no backward to time.
+    """
+
+    name: str = "decode"
+    description: str = "generation step: Nq new tokens against a KV cache (bottom-right causal)"
+    task: str = "chatbot"
+
+    def normalize(self, params: Params) -> Params:
+        _positive(params, "batch", "heads", "seq_len", "head_dim")
+        params = self._grouped(params)
+        if params.seq_len_kv is None:
+            raise InputError("decode needs seq_len_kv: the KV cache length Nkv (seq_len is Nq, the new tokens)")
+        _positive(params, "seq_len_kv")
+        if params.seq_len > params.seq_len_kv:
+            raise InputError(
+                f"decode's new tokens are the cache's last positions, so seq_len (Nq={params.seq_len}) cannot "
+                f"exceed seq_len_kv (Nkv={params.seq_len_kv})"
+            )
+        if params.causal:
+            raise InputError(
+                "causal does not apply to decode: its new tokens always see the cache bottom-right "
+                "(query i sees keys j <= Nkv - Nq + i); leave causal out"
+            )
+        if params.direction != "fwd":
+            raise InputError(f"decode is inference: direction must be fwd, got {params.direction!r}")
+        return params
+
+    def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        inputs = super().make_inputs(params, dtype, device, seed)
+        return Inputs(inputs.args, {"causal": inputs.args[0].shape[2] > 1})
+
+    def flops(self, params: Params) -> float:
+        return shapes.decode_flops(params)
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        import torch
+
+        q, k, v = inputs.args
+        mask = inputs.kwargs.get("mask")
+        if inputs.kwargs.get("causal"):
+            n_q, n_kv = q.shape[2], k.shape[2]
+            rows = torch.arange(n_q, device=q.device)[:, None] + (n_kv - n_q)
+            allowed = torch.arange(n_kv, device=q.device)[None, :] <= rows  # bottom-right
+            if mask is None:
+                mask = allowed
+            elif mask.dtype == torch.bool:
+                mask = mask & allowed
+            else:
+                mask = mask.masked_fill(~allowed, float("-inf"))
+        return reference_attention(q, k, v, scale=inputs.kwargs.get("scale"), mask=mask)
 
 
 def reference_attention(
@@ -340,11 +411,17 @@ VARIANTS: dict[str, Variant] = {
         DotProductVariant("causal", "causal (GPT-style) multi-head attention", "chatbot", always_causal=True),
         DotProductVariant("cross_attention", "cross-modal attention, Nq != Nkv", "image-text retrieval", cross=True),
         GateVariant(),
+        DecodeVariant(),
     )
 }
 
 
-DOT_PRODUCT_VARIANTS: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.kind == "dot_product")
+# The variants whose kernels share the top-left `causal` of torch's is_causal: one kernel serves them
+# all. decode is a dot product too, but its `causal` is bottom-right, so a kernel registers for it on
+# purpose (implementations.masks.bottom_right adapts a top-left kernel).
+DOT_PRODUCT_VARIANTS: tuple[str, ...] = tuple(
+    n for n, v in VARIANTS.items() if v.kind == "dot_product" and not isinstance(v, DecodeVariant)
+)
 
 
 def get_variant(name: str) -> Variant:

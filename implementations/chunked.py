@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import group_heads, grouped_matmul, with_causal
+from implementations.masks import bottom_right, group_heads, grouped_matmul, with_causal
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
 CHUNK_ELEMENTS = 1 << 22
@@ -66,3 +66,6 @@ def chunked(
         else:
             out[..., start:stop, :] = _chunk(*args)
     return ungroup(torch.cat(pieces, dim=-2) if training else out)
+
+
+register("chunked", variants=("decode",))(bottom_right(chunked))

@@ -21,7 +21,8 @@ import torch
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.memory_efficient import memory_efficient
+from implementations.masks import bottom_right
+from implementations.memory_efficient import memory_efficient, memory_efficient_decode
 from implementations.naive import naive
 
 RECOMPILE_LIMIT = 256
@@ -71,7 +72,11 @@ def compile_static(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _make(name: str, eager: Callable) -> None:
+def _make(
+    name: str, eager: Callable, variants: tuple[str, ...] = DOT_PRODUCT_VARIANTS, adapt: Callable | None = None
+) -> None:
+    """Register torch.compile of `eager`; `adapt` wraps the compiled call (decode's mask built outside the graph)."""
+
     def compiled(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -83,15 +88,17 @@ def _make(name: str, eager: Callable) -> None:
     ) -> torch.Tensor:
         return compile_static(eager)(q, k, v, causal=causal, scale=scale, mask=mask)
 
-    compiled.__name__ = compiled.__qualname__ = name.replace(".", "_")
+    compiled.__name__ = compiled.__qualname__ = name.replace(".", "_") + ("_decode" if "decode" in variants else "")
     register(
         name,
-        DOT_PRODUCT_VARIANTS,
+        variants,
         summary=f"torch.compile (inductor, static shapes) of {eager.__name__}",
         available=compiler_available,
         compiles=True,
-    )(compiled)
+    )(adapt(compiled) if adapt else compiled)
 
 
 _make("compiled.naive", naive)
 _make("compiled.memory_efficient", memory_efficient)
+_make("compiled.naive", naive, ("decode",), adapt=bottom_right)
+_make("compiled.memory_efficient", memory_efficient_decode, ("decode",))

@@ -1,4 +1,5 @@
-"""Kernels from other packages: xformers' memory_efficient_attention and flash-attn's flash_attn_func.
+"""Kernels from other packages: xformers' memory_efficient_attention and flash-attn's flash_attn_func
+(for decode, flash_attn_with_kvcache, the kernel serving stacks call with a KV cache).
 
 Both take (batch, seq_len, heads, head_dim) tensors, so the adapters transpose the harness's
 (batch, heads, seq_len, head_dim) views (no copy; the kernels accept strided inputs, or copy
@@ -19,7 +20,7 @@ from harness import registry
 from harness.errors import first_line
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import with_causal
+from implementations.masks import bottom_right_mask, with_causal
 
 FLASH_DTYPES = ("float16", "bfloat16")
 
@@ -58,7 +59,7 @@ def _probe(package: str, kernel: Callable, device: str, dtype: str, head_dim: in
     return _PROBES[key]
 
 
-def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...] | None = None):
+def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...] | None = None, decode: bool = False):
     def check(device: str | None = None, dtype: str | None = None, **case: object) -> tuple[bool, str]:
         ok, why = _installed(package)
         if not ok:
@@ -70,7 +71,8 @@ def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...]
             return False, f"{package} supports {', '.join(dtypes)} only, not {dtype}"
         if package == "xformers" and case.get("kv_heads") not in (None, case.get("heads")):
             return False, "the xformers adapter maps multi-head inputs only (GQA needs xformers' 5-D BMGHK layout)"
-        if package == "flash_attn" and case.get("causal") and case.get("seq_len_kv") not in (None, case.get("seq_len")):
+        top_left = case.get("causal") and not decode
+        if package == "flash_attn" and top_left and case.get("seq_len_kv") not in (None, case.get("seq_len")):
             return False, "flash_attn aligns causal masks bottom-right when Nq != Nkv; the harness means top-left"
         if device is None:  # "in general": try the device this machine has, in a dtype every package takes
             device, dtype = "cuda", "float16"
@@ -85,27 +87,21 @@ def _bhnd_to_bnhd(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.transpose(1, 2) for t in tensors]
 
 
-@register("xformers", variants=DOT_PRODUCT_VARIANTS, available=_check("xformers", lambda: xformers_attention))
-def xformers_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """xformers.ops.memory_efficient_attention (CUTLASS/flash dispatch chosen by xformers)."""
+def _xformers(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | None, decode: bool) -> torch.Tensor:
     import xformers.ops as xops
 
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
     if k.shape[1] != heads:
         raise ValueError("xformers adapter: grouped-query attention (fewer k/v heads) is not mapped to BMGHK yet")
+    if decode and causal and mask is not None:
+        tri = bottom_right_mask(n_q, n_kv, str(q.device))  # decode's causality folded into the user mask
+        mask, causal = (mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))), False
     bias: object = None
     empty_rows = None
     if mask is None and causal:
-        bias = xops.LowerTriangularMask()  # top-left aligned, like is_causal
+        # top-left like is_causal; decode's new tokens sit at the end of the cache: bottom-right
+        bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if decode else xops.LowerTriangularMask()
     elif mask is not None:
         full = with_causal(mask, causal, n_q, n_kv, q.device).expand(batch, heads, n_q, n_kv)
         if full.dtype == torch.bool:
@@ -121,6 +117,34 @@ def xformers_attention(
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)  # the harness's policy: a row that sees no key is zeros
     return out
+
+
+@register("xformers", variants=DOT_PRODUCT_VARIANTS, available=_check("xformers", lambda: xformers_attention))
+def xformers_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """xformers.ops.memory_efficient_attention (CUTLASS/flash dispatch chosen by xformers)."""
+    return _xformers(q, k, v, causal, scale, mask, decode=False)
+
+
+@register("xformers", variants=("decode",), available=_check("xformers", lambda: xformers_decode, decode=True))
+def xformers_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """xformers.ops.memory_efficient_attention, decode's causality as LowerTriangularFromBottomRightMask."""
+    return _xformers(q, k, v, causal, scale, mask, decode=True)
 
 
 @register("flash_attn", variants=DOT_PRODUCT_VARIANTS, available=_check("flash_attn", lambda: flash_attn, FLASH_DTYPES))
@@ -145,4 +169,30 @@ def flash_attn(
     from flash_attn import flash_attn_func
 
     out = flash_attn_func(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal)
+    return out.transpose(1, 2)
+
+
+@register(
+    "flash_attn",
+    variants=("decode",),
+    available=_check("flash_attn", lambda: flash_attn_decode, FLASH_DTYPES, decode=True),
+)
+def flash_attn_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash-attn's flash_attn_with_kvcache: the new tokens against the cache (bottom-right causal, GQA)."""
+    if mask is not None:
+        raise ValueError("flash_attn: flash_attn_with_kvcache takes no attention mask (mask must be None)")
+    if str(q.dtype).removeprefix("torch.") not in FLASH_DTYPES:
+        raise ValueError(f"flash_attn: dtype must be one of {', '.join(FLASH_DTYPES)}, got {q.dtype}")
+    from flash_attn import flash_attn_with_kvcache
+
+    # (B, Nq, H, D) and caches (B, Nkv, H_kv, D): transposed views, the head dimension contiguous.
+    out = flash_attn_with_kvcache(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)

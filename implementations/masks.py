@@ -1,9 +1,13 @@
-"""Mask helpers the kernels share: the causal mask (top-left, like torch's `is_causal`) and folding it
-into a user mask. The float64 reference (harness.variants) builds its own masks on purpose: the
-ground truth shares no code with the kernels it judges.
+"""Mask helpers the kernels share: the causal mask (top-left, like torch's `is_causal`), folding it
+into a user mask, and decode's bottom-right causality for kernels written for top-left. The float64
+reference (harness.variants) builds its own masks on purpose: the ground truth shares no code with
+the kernels it judges.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -64,3 +68,38 @@ def grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dim() == y.dim():
         return x @ y
     return (x.flatten(2, 3) @ y).unflatten(2, (x.shape[2], x.shape[3]))
+
+
+@functools.lru_cache(maxsize=64)
+def bottom_right_mask(n_q: int, n_kv: int, device: str) -> torch.Tensor:
+    """Boolean (Nq, Nkv): query i sees keys j <= Nkv - Nq + i (new tokens at the end of a KV cache).
+
+    Cached per shape and device, as a serving stack keeps one per step shape: building it is not part
+    of the attention a decode step times.
+    """
+    return causal_mask(n_q, n_kv, device, torch.arange(n_q, device=device) + (n_kv - n_q))
+
+
+def bottom_right(kernel: Callable) -> Callable:
+    """A top-left kernel as a decode kernel: decode's `causal` (bottom-right) becomes an explicit mask."""
+
+    @functools.wraps(kernel)
+    def decode(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n_q, n_kv = q.shape[2], k.shape[2]
+        if causal and n_q > 1:  # one new token sees the whole cache: no mask at all
+            tri = bottom_right_mask(n_q, n_kv, str(q.device))
+            if mask is None:
+                mask = tri
+            else:
+                mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        return kernel(q, k, v, causal=False, scale=scale, mask=mask)
+
+    return decode

@@ -16,10 +16,13 @@ make it fast on a CPU without leaving Python:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
+from implementations.masks import bottom_right
 
 LOG2E = 1.4426950408889634
 # A score tile holds at most this many elements per head group (float32: 4 MiB). Tall query tiles
@@ -29,6 +32,11 @@ TILE_ELEMENTS = 1 << 20
 Q_TILE = 1024
 K_TILE = 512
 BACKWARD_TILE = 512
+# Decode (Flash-Decoding): the KV cache is split into partitions, each giving a partial output and
+# log-sum-exp that are merged exactly at the end; a partition's scores hold at most
+# DECODE_STEP_ELEMENTS elements (float32: 16 MiB on a CPU), and it has at least DECODE_MIN_PARTITION keys.
+DECODE_MIN_PARTITION = 256
+DECODE_STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 # A query tile whose row sums exceed this under the lagged maximum is redone exactly: far below
 # float32's 2**127, so nothing on the fast path can overflow unnoticed.
 OVERFLOW_LIMIT = 2.0**40
@@ -266,3 +274,71 @@ def memory_efficient(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _MemoryEfficientAttention.apply(q, k, v, causal, scale, mask)
     return _forward(q, k, v, causal, scale, mask)[0].to(q.dtype)
+
+
+def _decode_partitions(n_kv: int, rows: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """Key ranges of a decode call's partitions: as few as the scratch budget allows (see _decode)."""
+    budget = DECODE_STEP_ELEMENTS.get(device.type, DECODE_STEP_ELEMENTS["cpu"])
+    size = min(n_kv, max(DECODE_MIN_PARTITION, budget // rows))  # rows: B x kv heads x rows per kv head
+    for start in range(0, n_kv, size):
+        yield start, min(n_kv, start + size)
+
+
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Flash-Decoding: per KV partition a partial output and log-sum-exp, merged exactly.
+
+    The query heads of one kv head and their Nq new tokens are one block of rows, so each key and value
+    is read once for all of them. Scores come out as (keys, rows), the cache times the rows: the
+    memory-bound shape a BLAS streams fastest (2-core EPYC, Nkv=32k, 8 kv heads, 4 rows: 21 GB/s,
+    against 10 GB/s for rows times the transposed cache), then turn into (rows, keys) for the softmax.
+    On a CPU the BLAS already spreads one GEMM over the cores, so partitions are as long as the scratch
+    budget allows (256 partitions of 1024 keys took 20 ms where one 32k-key GEMM per head took 6.7 ms).
+    Low-precision caches are multiplied in their own dtype (read once, as a tensor-core GEMM would)
+    with the softmax and the merge in float32.
+    """
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_kv = k.shape[1], k.shape[2]
+    rows = heads // kv_heads * n_q  # query heads of a kv head x new tokens
+    gemm = q.dtype
+    work = torch.float64 if gemm == torch.float64 else torch.float32
+    q_rows = (q.to(work) * (scale * LOG2E)).to(gemm).reshape(batch * kv_heads, rows, head_dim)  # (B·H_kv, R, D)
+    k_f, v_f = (t.reshape(batch * kv_heads, n_kv, head_dim) for t in (k, v))  # views of a cache
+    # Row r is new token r % Nq: it sees keys j <= Nkv - Nq + r % Nq.
+    last_key = torch.arange(rows, device=q.device)[:, None] % n_q + (n_kv - n_q) if causal and n_q > 1 else None
+    outs, maxima, sums = [], [], []
+    for start, stop in _decode_partitions(n_kv, batch * kv_heads * rows, q.device):
+        scores = torch.bmm(k_f[:, start:stop], q_rows.transpose(1, 2))  # (B·H_kv, S, R), base 2
+        s = scores.transpose(1, 2).to(work).contiguous()  # (B·H_kv, R, S): row-wise reductions run fast
+        if last_key is not None and stop - 1 > n_kv - n_q:
+            s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)  # (B·H_kv, R, 1)
+        m = m.masked_fill(torch.isneginf(m), 0.0)  # a partition a row cannot see adds exactly 0
+        p = s.sub_(m).exp2_()
+        sums.append(p.sum(dim=-1, keepdim=True))
+        outs.append(torch.bmm(p.to(gemm), v_f[:, start:stop]).to(work))  # (B·H_kv, R, D), unnormalised
+        maxima.append(m)
+    if len(outs) == 1:
+        out = outs[0] / sums[0]
+    else:
+        m = torch.stack(maxima)  # (P, B·H_kv, R, 1)
+        weight = torch.exp2(m - m.amax(dim=0))  # each partition's share of the row's softmax
+        out = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
+    return out.view(batch, heads, n_q, head_dim).to(q.dtype)
+
+
+@register("memory_efficient", variants=("decode",))
+def memory_efficient_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flash-Decoding: KV-cache partitions give partial outputs and log-sum-exps, merged exactly."""
+    if mask is not None or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # A user mask or a gradient: the tiled kernel with decode's causality as a mask.
+        return bottom_right(memory_efficient)(q, k, v, causal=causal, scale=scale, mask=mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _decode(q, k, v, causal, scale)

@@ -6,7 +6,7 @@ import torch
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import group_heads, grouped_matmul, with_causal
+from implementations.masks import bottom_right, group_heads, grouped_matmul, with_causal
 
 
 @register("naive", variants=DOT_PRODUCT_VARIANTS)
@@ -31,3 +31,6 @@ def naive(
         # Policy: a query that may attend to nothing gets zeros, not the softmax's 0/0 = NaN.
         weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     return ungroup(grouped_matmul(weights, v))
+
+
+register("naive", variants=("decode",))(bottom_right(naive))

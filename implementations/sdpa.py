@@ -15,7 +15,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import with_causal
+from implementations.masks import bottom_right_mask, with_causal
+
+try:  # torch >= 2.3: bottom-right causality that the flash and efficient backends take as such
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:
+    causal_lower_right = None
 
 BACKENDS: dict[str, SDPBackend | None] = {
     "sdpa": None,
@@ -34,7 +39,18 @@ def _call(
     causal: bool,
     scale: float | None,
     mask: torch.Tensor | None,
+    decode: bool = False,
 ) -> torch.Tensor:
+    if decode and causal:  # decode's new tokens see the cache bottom-right
+        n_q, n_kv = q.shape[2], k.shape[2]
+        causal = False
+        if n_q > 1 and mask is None and causal_lower_right is not None:
+            mask = causal_lower_right(n_q, n_kv)
+        elif n_q > 1:
+            tri = bottom_right_mask(n_q, n_kv, str(q.device))
+            mask = (
+                tri if mask is None else mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, -torch.inf)
+            )
     if mask is not None and causal:
         # SDPA refuses attn_mask together with is_causal; fold the causal mask in instead.
         mask, causal = with_causal(mask, True, q.shape[2], k.shape[2], q.device), False
@@ -56,18 +72,19 @@ def _probe(
     masked: bool,
     cross: bool,
     grouped: bool = False,
+    decode: bool = False,
 ) -> tuple[bool, str]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return False, "no CUDA device"
     torch_type = getattr(torch, dtype)
-    n_q, n_kv = (8, 12) if cross else (8, 8)
+    n_q, n_kv = (8, 12) if cross or decode else (8, 8)
     q = torch.randn(1, 2, n_q, head_dim, device=device, dtype=torch_type)
     k = torch.randn(1, 1 if grouped else 2, n_kv, head_dim, device=device, dtype=torch_type)
     mask = torch.ones(n_q, n_kv, dtype=torch.bool, device=device) if masked else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _call(backend, q, k, k, causal, None, mask)
+            _call(backend, q, k, k, causal or decode, None, mask, decode)
         except Exception:
             # torch explains in warnings why each backend declined; they beat the generic error.
             why = [str(w.message).splitlines()[0] for w in caught if "ignore" not in str(w.message).lower()]
@@ -77,7 +94,7 @@ def _probe(
     return True, ""
 
 
-def _availability(backend: SDPBackend | None):
+def _availability(backend: SDPBackend | None, decode: bool = False):
     def check(
         device: str | None = None,
         dtype: str | None = None,
@@ -94,7 +111,7 @@ def _availability(backend: SDPBackend | None):
             tries = [("cpu", "float32")]
             if torch.cuda.is_available():
                 tries += [("cuda", "float16"), ("cuda", "bfloat16")]
-            results = [_probe(backend, dev, dt, 64, False, False, False) for dev, dt in tries]
+            results = [_probe(backend, dev, dt, 64, False, False, False, False, decode) for dev, dt in tries]
             return next((r for r in results if r[0]), results[-1])
         grouped = kv_heads is not None and kv_heads != heads
         return _probe(
@@ -106,12 +123,13 @@ def _availability(backend: SDPBackend | None):
             bool(masked),
             seq_len_kv is not None,
             grouped,
+            decode,
         )
 
     return check
 
 
-def _make(name: str, backend: SDPBackend | None):
+def _make(name: str, backend: SDPBackend | None, decode: bool = False):
     def sdpa(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -121,18 +139,19 @@ def _make(name: str, backend: SDPBackend | None):
         scale: float | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _call(backend, q, k, v, causal, scale, mask)
+        return _call(backend, q, k, v, causal, scale, mask, decode)
 
-    sdpa.__name__ = sdpa.__qualname__ = name.replace(".", "_")
+    sdpa.__name__ = sdpa.__qualname__ = name.replace(".", "_") + ("_decode" if decode else "")
     what = "backend chosen by torch" if backend is None else f"pinned to {backend.name}"
     register(
         name,
-        DOT_PRODUCT_VARIANTS,
-        summary=f"torch scaled_dot_product_attention, {what}",
-        available=_availability(backend),
+        ("decode",) if decode else DOT_PRODUCT_VARIANTS,
+        summary=f"torch scaled_dot_product_attention, {what}" + (" (decode: causal_lower_right)" if decode else ""),
+        available=_availability(backend, decode),
     )(sdpa)
     return sdpa
 
 
 for _name, _backend in BACKENDS.items():
     _make(_name, _backend)
+    _make(_name, _backend, decode=True)

@@ -20,6 +20,7 @@ SHAPES = {
     "causal": Params(batch=2, heads=3, seq_len=67, head_dim=32),
     "cross_attention": Params(batch=2, heads=3, seq_len=67, seq_len_kv=45, head_dim=32),
     "attention_gate": Params(batch=2, seq_len=81, head_dim=12),
+    "decode": Params(batch=2, heads=4, kv_heads=2, seq_len=3, seq_len_kv=67, head_dim=32),
 }
 
 

@@ -9,13 +9,16 @@
 3. Memory: the harness's CUDA peak against what each kernel must allocate: naive holds B*H*N^2
    scores twice (scores and softmax), so its peak / (B*H*N^2*itemsize) must lie in [2, 4); O(N)
    kernels must grow by less than 2.5x when N doubles, naive by more than 3.5x.
+4. Decode: GB/s of every decode implementation at B=64, 32 query heads over 8 kv heads, D=128,
+   one new token against an 8k cache (bfloat16), as a share of the measured copy bandwidth; pass
+   --published-decode-gbps with the figure to set beside it (FA3's paged decode: about 1800 on H100).
 
 An implementation that fails is a row with its reason, and the check goes on. With --reference,
-the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head and causal in bfloat16)
+the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head, causal and decode in bfloat16)
 into results/reference/<gpu>-<date>/, with this check's output beside them. Exit 0 when every check
 passes, 1 when one fails, 2 without a CUDA device (or triton).
 
-    python tools/gpu_check.py [--rounds 3] [--published-tflops 335] [--reference]
+    python tools/gpu_check.py [--rounds 3] [--published-tflops 335] [--published-decode-gbps 1800] [--reference]
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 O_N = ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "memory_efficient", "flash_attn", "xformers", "flex")
-REFERENCE_SUITES = ("suites/self_attn_cuda.yaml", "suites/multi_head_cuda.yaml", "suites/causal_cuda.yaml")
+REFERENCE_SUITES = (
+    "suites/self_attn_cuda.yaml",
+    "suites/multi_head_cuda.yaml",
+    "suites/causal_cuda.yaml",
+    "suites/decode_cuda.yaml",
+)
 
 
 @dataclass
@@ -140,6 +148,39 @@ def report_tflops(dtype: str, published: float | None) -> None:
         print(f"  {row.name:26s} {median * 1e3:9.3f} ms {tflops:8.1f} TFLOP/s{versus}")
 
 
+def report_decode(dtype: str, published_gbps: float | None) -> None:
+    import torch
+
+    from harness import registry
+    from harness.ceilings import ceilings_for
+    from harness.measure import prepare
+    from harness.shapes import Params
+    from harness.timing import TimingSettings, time_cuda
+
+    settings = TimingSettings(warmup=10, min_time_s=0.5, min_samples=50, max_time_s=5.0)
+    params = Params(
+        batch=64, heads=32, kv_heads=8, seq_len=1, seq_len_kv=8192, head_dim=128, dtype=dtype, device="cuda"
+    )
+    bandwidth = ceilings_for("cuda", None)[0].bandwidth / 1e9
+    print(f"\ndecode {dtype} B=64 H=32/8 kv Nq=1 Nkv=8192 D=128 (measured copy bandwidth {bandwidth:.0f} GB/s)")
+
+    def measure(name: str) -> tuple[float, float]:
+        case = prepare("decode", name, params)
+        with torch.inference_mode():
+            case.call()
+            median = time_cuda(case.call, settings).median
+        return median, case.bytes_moved / median / 1e9
+
+    names = [i.name for i in registry.implementations("decode") if i.available_for(params)[0]]
+    for row in each(names, measure):
+        if row.error:
+            print(f"  {row.name:26s} failed: {row.error}")
+            continue
+        median, gbps = row.value
+        versus = f", {gbps / published_gbps:.2f} of the published {published_gbps:g}" if published_gbps else ""
+        print(f"  {row.name:26s} {median * 1e6:9.1f} us {gbps:8.0f} GB/s ({gbps / bandwidth:.0%} of copy{versus})")
+
+
 def check_memory(dtype: str) -> bool:
     import torch
 
@@ -204,6 +245,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--published-tflops", type=float, help="the published sdpa/flash TFLOP/s for this GPU")
+    parser.add_argument("--published-decode-gbps", type=float, help="a published decode GB/s for this GPU")
     parser.add_argument("--reference", action="store_true", help="then run the reference sweeps into results/reference")
     args = parser.parse_args()
     import torch
@@ -221,6 +263,7 @@ def main() -> int:
         timing_ok = check_timing(args.rounds, args.dtype)
         report_tflops(args.dtype, args.published_tflops)
         memory_ok = check_memory(args.dtype)
+        report_decode(args.dtype, args.published_decode_gbps)
     code = 0 if timing_ok and memory_ok else 1
     if args.reference:
         out = reference_dir()

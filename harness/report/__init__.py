@@ -115,6 +115,7 @@ def best_per_shape(frame: pd.DataFrame, records: dict[str, Any] | None = None) -
                 "bound": best.get("roofline_bound") if isinstance(best.get("roofline_bound"), str) else "",
                 "time_ms": best["time_median"] * 1e3,
                 "tflops": best.get("tflops"),
+                "gbps": best.get("gbps"),
                 # Compilation and lazy set-up are paid once per shape: beside a kernel that wins by
                 # a few percent, seconds of compiling can matter more.
                 "first_call_s": best.get("first_call_s"),

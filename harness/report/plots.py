@@ -1,6 +1,8 @@
-"""Matplotlib figures of a run: throughput, speed-up, peak memory and accuracy against seq_len.
+"""Matplotlib figures of a run: throughput, speed-up, peak memory and accuracy against sequence length.
 
-One figure row per group of cases that differ only in seq_len and implementation. Colours are
+One figure row per group of cases that differ only in the sequence length and implementation: N
+(seq_len) for most variants, the KV cache length Nkv (seq_len_kv) for decode, whose throughput is
+drawn in GB/s under the measured bandwidth ceiling (it is memory-bound). Colours are
 fixed per implementation name across every plot of every run, and cases that failed or were
 skipped are drawn as markers along the bottom edge, so nothing silently goes missing.
 """
@@ -30,10 +32,20 @@ GROUP_KEYS = (
     "heads",
     "kv_heads",
     "head_dim",
+    "seq_len",
     "seq_len_kv",
     "threads",
     "causal",
 )
+# Variants whose plots run along another length than seq_len, and are judged in GB/s.
+X_AXIS = {"decode": "seq_len_kv"}
+MEMORY_BOUND = {"decode"}
+
+
+def x_axis(variant: str) -> str:
+    return X_AXIS.get(variant, "seq_len")
+
+
 FAILED = ("error", "timeout", "oom", "crash")
 _PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
 _FIXED = [
@@ -75,6 +87,7 @@ def _given(value: object) -> bool:
 
 def group_title(key: tuple) -> str:
     values = dict(zip(GROUP_KEYS, key, strict=True))
+    x = x_axis(values["variant"])
     parts = [
         values["variant"] + ("" if values.get("direction") in (None, "fwd") else f" {values['direction']}"),
         values["dtype"],
@@ -83,9 +96,9 @@ def group_title(key: tuple) -> str:
         f"H={values['heads']}" + (f"/{int(values['kv_heads'])} kv" if _given(values.get("kv_heads")) else ""),
         f"D={values['head_dim']}",
     ]
-    if values["seq_len_kv"] is not None and not (
-        isinstance(values["seq_len_kv"], float) and math.isnan(values["seq_len_kv"])
-    ):
+    if x != "seq_len" and _given(values.get("seq_len")):
+        parts.append(f"Nq={int(values['seq_len'])}")
+    if x != "seq_len_kv" and _given(values.get("seq_len_kv")):
         parts.append(f"Nkv={int(values['seq_len_kv'])}")
     if values["threads"] is not None and not (isinstance(values["threads"], float) and math.isnan(values["threads"])):
         parts.append(f"{int(values['threads'])} threads")
@@ -94,12 +107,12 @@ def group_title(key: tuple) -> str:
     return " · ".join(str(p) for p in parts)
 
 
-def _bottom_markers(ax, rows: pd.DataFrame) -> None:
+def _bottom_markers(ax, rows: pd.DataFrame, x: str) -> None:
     trans = blended_transform_factory(ax.transData, ax.transAxes)
     for _, r in rows.iterrows():
         failed = r["status"] in FAILED
         ax.plot(
-            r["seq_len"],
+            r[x],
             0.03,
             marker="x" if failed else "o",
             markersize=8 if failed else 6,
@@ -111,11 +124,11 @@ def _bottom_markers(ax, rows: pd.DataFrame) -> None:
         )
 
 
-def _lines(ax, ok: pd.DataFrame, column: str, scale: float = 1.0) -> None:
+def _lines(ax, ok: pd.DataFrame, column: str, x: str, scale: float = 1.0) -> None:
     for name, rows in ok.groupby("implementation", sort=True):
-        rows = rows.sort_values("seq_len")
+        rows = rows.sort_values(x)
         values = rows[column] * scale
-        ax.plot(rows["seq_len"], values, marker="o", markersize=4, label=name, color=colour(name))
+        ax.plot(rows[x], values, marker="o", markersize=4, label=name, color=colour(name))
 
 
 def plot_group(key: tuple, frame: pd.DataFrame, baseline: str = "naive") -> bytes:
@@ -126,57 +139,71 @@ def plot_group(key: tuple, frame: pd.DataFrame, baseline: str = "naive") -> byte
     fig.subplots_adjust(left=0.04, right=0.86, top=0.85, bottom=0.14, wspace=0.28)
     fig.suptitle(group_title(key), fontsize=12)
     variant = key[0]
+    x = x_axis(variant)
     unit = "pixels" if variant == "attention_gate" else "tokens"
+    xlabel = f"KV cache length Nkv ({unit}, log)" if x == "seq_len_kv" else f"sequence length N ({unit}, log)"
 
     ax = axes[0]
-    if "tflops" in ok and ok["tflops"].notna().any():
-        _lines(ax, ok.dropna(subset=["tflops"]), "tflops")
-    ax.set(title="throughput", xlabel=f"sequence length N ({unit}, log)", ylabel="TFLOP/s")
+    if variant in MEMORY_BOUND:
+        if "gbps" in ok and ok["gbps"].notna().any():
+            _lines(ax, ok.dropna(subset=["gbps"]), "gbps", x)
+        ceiling = ok["roofline_peak_gbps"].dropna() if "roofline_peak_gbps" in ok else ok.iloc[0:0]
+        if len(ceiling):
+            ax.axhline(float(ceiling.median()), color="black", linewidth=1.2, linestyle="--")
+            ax.text(
+                0.01,
+                0.97,
+                f"measured bandwidth {float(ceiling.median()):.0f} GB/s",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=8,
+            )
+        ax.set(title="bandwidth (cache read once; dashed: ceiling)", xlabel=xlabel, ylabel="GB/s")
+    else:
+        if "tflops" in ok and ok["tflops"].notna().any():
+            _lines(ax, ok.dropna(subset=["tflops"]), "tflops", x)
+        ax.set(title="throughput", xlabel=xlabel, ylabel="TFLOP/s")
 
     ax = axes[1]
-    base = ok[ok["implementation"] == baseline].set_index("seq_len")["time_median"] if "time_median" in ok else None
+    base = ok[ok["implementation"] == baseline].set_index(x)["time_median"] if "time_median" in ok else None
     if base is not None and not base.empty:
         speed = ok.dropna(subset=["time_median"]).copy()
-        speed["speedup"] = speed["seq_len"].map(base) / speed["time_median"]
-        _lines(ax, speed.dropna(subset=["speedup"]), "speedup")
+        speed["speedup"] = speed[x].map(base) / speed["time_median"]
+        _lines(ax, speed.dropna(subset=["speedup"]), "speedup", x)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_yscale("log")
         ax.set(title=f"speed-up over {baseline}", ylabel=f"time({baseline}) / time  (log)")
     else:
         ax.text(0.5, 0.5, f"no {baseline} measurements", ha="center", transform=ax.transAxes)
         ax.set(title=f"speed-up over {baseline}")
-    ax.set_xlabel(f"sequence length N ({unit}, log)")
+    ax.set_xlabel(xlabel)
 
     ax = axes[2]
     if "peak_memory_bytes" in ok and ok["peak_memory_bytes"].notna().any():
         mem = ok.dropna(subset=["peak_memory_bytes"])
         mem = mem[mem["peak_memory_bytes"] > 0]
-        _lines(ax, mem, "peak_memory_bytes", 1 / 2**20)
+        _lines(ax, mem, "peak_memory_bytes", x, 1 / 2**20)
         ax.set_yscale("log")
-    ax.set(
-        title="peak extra memory (log-log: slope 2 = O(N²))",
-        xlabel=f"sequence length N ({unit}, log)",
-        ylabel="MiB (log)",
-    )
+    ax.set(title="peak extra memory (log-log: slope 2 = O(N²))", xlabel=xlabel, ylabel="MiB (log)")
 
     ax = axes[3]
     if "max_abs_err" in ok and ok["max_abs_err"].notna().any():
         acc = ok.dropna(subset=["max_abs_err", "tolerance"]).copy()
         acc = acc[acc["tolerance"] > 0]
         acc["ratio"] = (acc["max_abs_err"] / acc["tolerance"]).clip(lower=1e-6)
-        _lines(ax, acc, "ratio")
+        _lines(ax, acc, "ratio", x)
         ax.axhline(1.0, color="red", linewidth=1, linestyle="--", label="tolerance")
         ax.set_yscale("log")
     ax.set(
         title="accuracy: max error / tolerance (≤ 1 passes)",
-        xlabel=f"sequence length N ({unit}, log)",
+        xlabel=xlabel,
         ylabel="max_abs_err / tolerance (log)",
     )
 
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.25)
-        _bottom_markers(ax, not_ok)
+        _bottom_markers(ax, not_ok, x)
     handles = [Line2D([], [], color=colour(n), marker="o", label=n) for n in sorted(frame["implementation"].unique())]
     handles += [
         Line2D([], [], color="black", marker="x", linestyle="none", label="failed (bottom edge)"),
@@ -192,9 +219,13 @@ def plot_group(key: tuple, frame: pd.DataFrame, baseline: str = "naive") -> byte
 
 
 def groups(frame: pd.DataFrame):
-    keys = [k for k in GROUP_KEYS if k in frame]
-    for key, rows in frame.groupby(keys, sort=False, dropna=False):
-        yield tuple(key), rows
+    """(key, rows) per plot: the GROUP_KEYS values (NaN for the plotted axis) and the cases."""
+    for variant, part in frame.groupby("variant", sort=False):
+        x = x_axis(str(variant))
+        keys = [k for k in GROUP_KEYS if k in part and k != x]
+        for key, rows in part.groupby(keys, sort=False, dropna=False):
+            values = dict(zip(keys, key, strict=True))
+            yield tuple(values.get(k, math.nan) for k in GROUP_KEYS), rows
 
 
 MAX_FIGURES = 10
@@ -202,7 +233,7 @@ MAX_FIGURES = 10
 
 def plottable_groups(frame: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     """Groups with at least two sequence lengths, the largest first."""
-    found = [(key, rows) for key, rows in groups(frame) if rows["seq_len"].nunique() >= 2]
+    found = [(key, rows) for key, rows in groups(frame) if rows[x_axis(key[0])].nunique() >= 2]
     return sorted(found, key=lambda item: -len(item[1]))
 
 
@@ -216,7 +247,8 @@ def write_plots(frame: pd.DataFrame, out_dir: Path, max_groups: int = MAX_FIGURE
     figures = []
     for key, rows in plottable_groups(frame)[:max_groups]:
         png = plot_group(key, rows)
-        slug = "-".join(str(v) for v in key if not pd.isna(v)).replace("/", "_").replace(" ", "")
+        text = (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in key if not pd.isna(v))
+        slug = "-".join(text).replace("/", "_").replace(" ", "")
         path = out_dir / f"{slug}.png"
         path.write_bytes(png)
         figures.append(Figure(group_title(key), path, png))
@@ -259,22 +291,28 @@ def plot_tasks(frame: pd.DataFrame) -> list[Figure]:
 def _intensity(row: pd.Series) -> float | None:
     """FLOPs per byte moved of a case, from its params (failed cases have no measured figures)."""
     from harness import shapes
+    from harness.variants import VARIANTS
 
+    def optional(key: str) -> object:
+        value = row.get(key)
+        return None if value is None or pd.isna(value) else value
+
+    spec = VARIANTS.get(str(row["variant"]))
     try:
         params = shapes.Params(
             batch=int(row["batch"]),
             heads=int(row["heads"]),
+            kv_heads=None if optional("kv_heads") is None else int(row["kv_heads"]),
             seq_len=int(row["seq_len"]),
-            seq_len_kv=None if pd.isna(row.get("seq_len_kv")) else int(row["seq_len_kv"]),
+            seq_len_kv=None if optional("seq_len_kv") is None else int(row["seq_len_kv"]),
             head_dim=int(row["head_dim"]),
             dtype=str(row["dtype"]),
-            causal=bool(row.get("causal")) if not pd.isna(row.get("causal")) else False,
+            causal=bool(optional("causal") or False),
+            direction=str(optional("direction") or "fwd"),
         )
+        return spec.flops(params) / spec.bytes_moved(params) if spec is not None else None
     except (KeyError, TypeError, ValueError):
         return None
-    if row["variant"] == "attention_gate":
-        return shapes.gate_flops(params) / shapes.gate_bytes(params)
-    return shapes.dot_product_flops(params) / shapes.dot_product_bytes(params)
 
 
 def plot_rooflines(frame: pd.DataFrame) -> list[Figure]:

@@ -135,6 +135,8 @@ class ExcludeRule(_Strict):
         from harness.suite.expand import name_matches
 
         values = params.as_dict() | {"variant": variant, "implementation": implementation}
+        # A sweep's `kv_heads: 32` with 32 heads normalises to None (plain multi-head); a rule means the count.
+        values["kv_heads"] = params.kv_head_count
         for key in ("variant", "implementation", *PARAM_AXES):
             want = getattr(self, key)
             if want is None:

@@ -53,6 +53,8 @@ def run_task(task: str, implementation: str, cache_dir: str | Path | None = None
         ],
         "agreement": agreement,
         "samples_per_s": evaluation.samples / evaluation.seconds if evaluation.seconds else None,
+        # Generation tasks: tokens generated per second through the decode kernel (chatbot).
+        "tokens_per_s": evaluation.extra.get("generated_tokens_per_s"),
         "eval_seconds": evaluation.seconds,
         "train_seconds": info.get("train_seconds"),
         "cached_weights": info.get("cached", False),
