@@ -23,6 +23,8 @@ STATUS_STYLE = {"ok": "green", "skipped": "dim", "error": "red", "timeout": "mag
 # 2-core EPYC: flex 4 s per shape with a cold inductor cache, 0.3 s warm; compiled.* 0.2-1 s). The
 # ETA then learns the real pace: main suite predicted 185 s, measured 156 s with a cold cache.
 ASSUMED_FLOPS = {"cpu": 100e9, "cuda": 100e12}
+# Decode is memory-bound: its FLOPs alone would predict a call hundreds of times too short.
+ASSUMED_BANDWIDTH = {"cpu": 10e9, "cuda": 2e12}
 CASE_OVERHEAD_S = 0.15
 COMPILE_S = 2.0
 # Seconds of prior belief in the prediction: the pace learned from finished cases takes over
@@ -39,8 +41,11 @@ def predicted_seconds(case: Case, timing: Timing) -> float:
     from harness import registry
     from harness.variants import get_variant
 
-    rate = ASSUMED_FLOPS["cuda" if case.params.device.startswith("cuda") else "cpu"]
-    call = get_variant(case.variant).flops(case.params) / rate
+    device = "cuda" if case.params.device.startswith("cuda") else "cpu"
+    spec = get_variant(case.variant)
+    call = max(
+        spec.flops(case.params) / ASSUMED_FLOPS[device], spec.bytes_moved(case.params) / ASSUMED_BANDWIDTH[device]
+    )
     try:
         impl = registry.get(case.variant, case.implementation)
     except Exception:  # a name only another tree has (the gate): no compile assumed
