@@ -7,6 +7,7 @@ Bad input never shows a traceback: every InputError becomes one message on stder
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -251,6 +252,13 @@ def cmd_ceilings(args: argparse.Namespace) -> int:
     )
     console.print(table)
     console.print(f"saved: {path} (runs use it for every case on this device and thread count)", highlight=False)
+    if args.device == "cpu":
+        # memory_efficient's CPU tiles are tuned beside the ceilings: measured here, on this machine.
+        from implementations.memory_efficient import TILES_ENV, retune
+
+        tiles, tiles_file = retune(args.threads)
+        where = f"fixed by {TILES_ENV}" if os.environ.get(TILES_ENV) else f"saved: {tiles_file}"
+        console.print(f"memory_efficient tiles: {tiles[0]}x{tiles[1]} (query rows x keys), {where}", highlight=False)
     return 0
 
 

@@ -12,11 +12,21 @@ make it fast on a CPU without leaving Python:
   with exact steps (checked once per query tile, not per key tile);
 * a column of ones appended to v makes the second GEMM produce l alongside the accumulator;
 * low-precision inputs are computed in float32, as FlashAttention accumulates, and cast back.
+
+Tiles are chosen for the device: on a CPU from a short tuning run cached per machine (cpu_tiles), on a
+GPU every head in one group, larger tiles and no host synchronisation (_tile_sizes, _forward).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import statistics
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -25,13 +35,22 @@ from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import bottom_right
 
 LOG2E = 1.4426950408889634
-# A score tile holds at most this many elements per head group (float32: 4 MiB). Tall query tiles
-# matter most: each key tile is then read once for more rows (measured on a 2-core EPYC at N=4096:
-# 1024x512 tiles 0.91-0.96x sdpa, 512x512 0.82x).
+# A score tile holds at most this many elements per head group on a CPU (float32: 4 MiB).
 TILE_ELEMENTS = 1 << 20
-Q_TILE = 1024
-K_TILE = 512
+# CPU forward tiles (query rows, keys): None takes this machine's, tuned once and cached (cpu_tiles);
+# tests and experiments set them. Tall query tiles matter most: each key tile is then read once for
+# more rows (2-core AVX512 EPYC, N=4096: 1024x512 0.91-0.96x sdpa, 512x512 0.82x).
+Q_TILE: int | None = None
+K_TILE: int | None = None
+DEFAULT_TILES = (1024, 512)
+TILE_CANDIDATES = ((1024, 512), (512, 512), (1024, 256), (2048, 256), (512, 256), (256, 256))
+TILES_ENV = "HARNESS_TILES"  # "1024x512": fixed CPU tiles, no tuning
+TUNING_MARGIN = 0.05  # a candidate must beat DEFAULT_TILES by this much to replace them
 BACKWARD_TILE = 512
+# On a GPU every head is in one group and a score tile (heads x rows x keys) holds at most this many
+# elements (float32: 32 MiB, about an H100's L2), with keys per tile fixed; rows fill the rest.
+CUDA_TILE_ELEMENTS = 1 << 23
+CUDA_K_TILE = 512
 # Decode (Flash-Decoding): the KV cache is split into partitions, each giving a partial output and
 # log-sum-exp that are merged exactly at the end; a partition's scores hold at most
 # DECODE_STEP_ELEMENTS elements (float32: 16 MiB on a CPU), and it has at least DECODE_MIN_PARTITION keys.
@@ -42,15 +61,136 @@ DECODE_STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 OVERFLOW_LIMIT = 2.0**40
 
 
-def _tile_sizes(kv_heads: int, n_q: int, n_kv: int, ratio: int = 1, backward: bool = False) -> tuple[int, int, int]:
+def _on_gpu(device: torch.device) -> bool:
+    """GPU plan (all heads in one group, exact steps without host synchronisation) or CPU plan."""
+    return device.type == "cuda"
+
+
+def _tile_sizes(
+    kv_heads: int,
+    n_q: int,
+    n_kv: int,
+    ratio: int = 1,
+    backward: bool = False,
+    device: torch.device | None = None,
+    tiles: tuple[int, int] | None = None,
+) -> tuple[int, int, int]:
     """(kv heads per tile, query rows per head per tile, keys per tile). A tile's scores hold
     kv heads × ratio × query rows × keys elements: with grouped-query attention the `ratio` query heads
     of a kv head share its key tile, so fewer rows per head fit."""
+    device = device or torch.device("cpu")
+    if _on_gpu(device):
+        # Thousands of threads want one large launch per step, not a Python loop over head groups.
+        k_tile = min(n_kv, CUDA_K_TILE)
+        q_tile = min(n_q, max(16, CUDA_TILE_ELEMENTS // (kv_heads * ratio * k_tile)))
+        return kv_heads, q_tile, k_tile
     # The backward holds two score-sized tiles (P and dS) and writes dK, dV per key tile: square tiles.
-    k_tile = min(n_kv, BACKWARD_TILE if backward else K_TILE)
-    q_tile = min(n_q, BACKWARD_TILE if backward else Q_TILE, max(1, TILE_ELEMENTS // (k_tile * ratio)))
+    q_pref, k_pref = (BACKWARD_TILE, BACKWARD_TILE) if backward else tiles or forward_tiles()
+    k_tile = min(n_kv, k_pref)
+    q_tile = min(n_q, q_pref, max(1, TILE_ELEMENTS // (k_tile * ratio)))
     group = max(1, min(kv_heads, TILE_ELEMENTS // (ratio * q_tile * k_tile)))
     return group, q_tile, k_tile
+
+
+def forward_tiles() -> tuple[int, int]:
+    """The CPU forward's (query rows, keys) per tile: the module's, else this machine's tuned ones."""
+    if Q_TILE and K_TILE:
+        return Q_TILE, K_TILE
+    return cpu_tiles(torch.get_num_threads())
+
+
+def _parse_tiles(text: str) -> tuple[int, int]:
+    rows, _, keys = text.lower().partition("x")
+    if not (rows.isdigit() and keys.isdigit() and int(rows) > 0 and int(keys) > 0):
+        raise ValueError(f"{TILES_ENV}={text!r}: expected ROWSxKEYS, e.g. 1024x512")
+    return int(rows), int(keys)
+
+
+def _isa() -> str:
+    """The vector ISA torch's kernels use here (AVX512, AVX2 ...): the same CPU model can differ in it."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        return ""
+
+
+def tiles_path(threads: int) -> Path:
+    """Beside the ceilings of this machine and thread count (results/ceilings/...-cpu-t<threads>-tiles.json)."""
+    from harness.ceilings import cache_path
+
+    path = cache_path("cpu", threads)
+    return path.with_name(f"{path.stem}-tiles.json")
+
+
+@functools.cache
+def cpu_tiles(threads: int) -> tuple[int, int]:
+    """This CPU's forward tiles: HARNESS_TILES if set, else tuned once per machine, thread count, torch and
+    vector ISA (a second or two: tune_tiles) and cached. Tiles tuned on an AVX512 EPYC measured 0.70-0.82x sdpa
+    on an AVX2 EPYC of the same machine kind, so they are measured where they run."""
+    if os.environ.get(TILES_ENV):
+        return _parse_tiles(os.environ[TILES_ENV])
+    path = tiles_path(threads)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("torch") == torch.__version__ and saved.get("threads") == threads and saved.get("isa") == _isa():
+            return _parse_tiles(saved["tiles"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet, or unreadable: tuned again, never trusted
+    tiles, medians = tune_tiles()
+    record = {
+        "tiles": f"{tiles[0]}x{tiles[1]}",
+        "threads": threads,
+        "torch": torch.__version__,
+        "isa": _isa(),
+        "medians_s": {f"{q}x{k}": t for (q, k), t in medians.items()},
+        "shape": "multi_head float32 B=1 H=8 N=2048 D=64, forward, 5 interleaved rounds",
+        "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only checkout still runs, with tiles tuned in this process
+    return tiles
+
+
+def tune_tiles(
+    candidates: tuple[tuple[int, int], ...] = TILE_CANDIDATES,
+    seq_len: int = 2048,
+    heads: int = 8,
+    head_dim: int = 64,
+    rounds: int = 5,
+) -> tuple[tuple[int, int], dict[tuple[int, int], float]]:
+    """The fastest candidate tiles for the CPU forward, timed in interleaved rounds (a busy neighbour
+    slows every candidate of a round alike); returns it and each candidate's median seconds."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    scale = head_dim**-0.5
+    times: dict[tuple[int, int], list[float]] = {c: [] for c in candidates}
+    with torch.inference_mode():
+        for tiles in candidates:
+            _forward(q, k, v, False, scale, None, tiles)  # warm-up: allocator, thread pool
+        for _ in range(rounds):
+            for tiles in candidates:
+                started = time.perf_counter()
+                _forward(q, k, v, False, scale, None, tiles)
+                times[tiles].append(time.perf_counter() - started)
+    medians = {c: statistics.median(t) for c, t in times.items()}
+    best = min(candidates, key=medians.__getitem__)
+    if DEFAULT_TILES in medians and medians[DEFAULT_TILES] <= medians[best] * (1 + TUNING_MARGIN):
+        best = DEFAULT_TILES  # within noise of the default: keep the tiles measured on a quiet machine
+    return best, medians
+
+
+def retune(threads: int | None = None) -> tuple[tuple[int, int], Path]:
+    """Tune this CPU's tiles again (`python -m harness ceilings`) and cache them; returns them and the file."""
+    threads = threads or torch.get_num_threads()
+    if not os.environ.get(TILES_ENV):
+        tiles_path(threads).unlink(missing_ok=True)
+    cpu_tiles.cache_clear()
+    return cpu_tiles(threads), tiles_path(threads)
 
 
 def _apply_masks(scores: torch.Tensor, masks: list[torch.Tensor]) -> None:
@@ -161,8 +301,12 @@ def _head_groups(kv_heads: int, group: int, ratio: int):
         yield ks, slice(ks.start * ratio, ks.stop * ratio)
 
 
-def _forward(q, k, v, causal: bool, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, H, Nq, D) in the work dtype and the rows' log-sum-exp in base 2, (B, H, Nq)."""
+def _forward(q, k, v, causal: bool, scale: float, mask, tiles=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, D) in the work dtype and the rows' log-sum-exp in base 2, (B, H, Nq).
+
+    On a CPU a query tile takes the lagged-maximum fast path and checks once, on the host, whether to
+    redo it exactly; on a GPU that check would stall the stream every tile, so steps are always exact.
+    """
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale)
@@ -170,7 +314,8 @@ def _forward(q, k, v, causal: bool, scale: float, mask) -> tuple[torch.Tensor, t
     v_ones = torch.cat([v_w, v_w.new_ones((*v_w.shape[:3], 1))], dim=-1)  # (., H_kv, Nkv, D + 1)
     out = torch.empty(qs.shape, dtype=work, device=q.device)  # (., H, Nq, D)
     lse = torch.empty(qs.shape[:3], dtype=work, device=q.device)  # (., H, Nq)
-    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio)
+    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, device=q.device, tiles=tiles)
+    gpu = _on_gpu(q.device)
     scores_buffer = torch.empty(group * ratio * q_tile * k_tile, dtype=work, device=q.device)  # one tile
 
     for b in range(qs.shape[0]):
@@ -181,7 +326,7 @@ def _forward(q, k, v, causal: bool, scale: float, mask) -> tuple[torch.Tensor, t
                 tiles = _key_tiles(i, n, n_kv, k_tile, causal, rows, ratio, q.device)
                 # q tile (G, ratio · n, D), the kv heads' keys (G, D, Nkv) and values (G, Nkv, D + 1)
                 args = (_fold(qs[b, hs, i : i + n], ratio), k_t[b, ks], v_ones[b, ks], tiles, scores_buffer)
-                done = _query_tile(*args, exact=False) or _query_tile(*args, exact=True)
+                done = (None if gpu else _query_tile(*args, exact=False)) or _query_tile(*args, exact=True)
                 acc, row_max = done  # (G, ratio · n, D + 1): unnormalised output | row sum; (G, ratio · n, 1)
                 # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.
                 total = acc[..., head_dim:]
@@ -212,7 +357,7 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     dq = torch.zeros_like(qs)  # (., H, Nq, D)
     dk, dv = torch.zeros_like(k_w), torch.zeros_like(v_w)  # (., H_kv, Nkv, D)
-    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, backward=True)
+    group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, backward=True, device=q.device)
     buffers = torch.empty(2, group * ratio * q_tile * k_tile, dtype=work, device=q.device)
     for b in range(shape[0]):
         for ks, hs in _head_groups(k_w.shape[1], group, ratio):

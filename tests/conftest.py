@@ -2,6 +2,15 @@ from __future__ import annotations
 
 import json
 import os
+
+# The `triton` implementation runs on CPU tensors under triton's interpreter. triton reads this when
+# it is imported (its own tl.* helpers are jitted then), so it is set before anything can import it:
+# every test, and every worker a test starts, can then run the kernels. Slow (0.1-0.3 s a call at the
+# tests' sizes), which is why only tests set it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# memory_efficient's CPU tiles are tuned once per machine and cached for real runs; a tuning done
+# during the tests (a busy machine) must not become that cache, so the tests fix them.
+os.environ.setdefault("HARNESS_TILES", "1024x512")
 import textwrap
 from pathlib import Path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import implementations.memory_efficient as memory_efficient_module
 from harness import registry
+from harness.accuracy import baseline
 from harness.variants import DOT_PRODUCT_VARIANTS, VARIANTS, Inputs, Params
 from tests.conftest import assert_accurate
 
@@ -243,3 +245,66 @@ def test_kv_heads_must_divide_heads():
         VARIANTS["attention_gate"].normalize(Params(seq_len=16, kv_heads=1))
     same = VARIANTS["multi_head"].normalize(Params(heads=8, kv_heads=8))
     assert same.kv_heads is None  # plain multi-head attention: the same case and case id as before
+
+
+def test_the_gpu_plan_puts_every_head_in_one_group_and_never_asks_the_host(monkeypatch):
+    """memory_efficient's CUDA plan, run on the CPU: exact, all heads in one group, and no tensor is
+    ever turned into a Python value (each would stall a GPU stream once per tile)."""
+    monkeypatch.setattr(memory_efficient_module, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(memory_efficient_module, "CUDA_TILE_ELEMENTS", 6 * 16 * 24)
+    monkeypatch.setattr(memory_efficient_module, "CUDA_K_TILE", 24)
+    assert memory_efficient_module._tile_sizes(6, 101, 77, device=torch.device("cpu")) == (6, 16, 24)
+    for variant, kv_heads in [("causal", None), ("cross_attention", 1), ("multi_head", 3)]:
+        spec = VARIANTS[variant]
+        params = Params(batch=2, heads=6, kv_heads=kv_heads, seq_len=101, head_dim=16)
+        if variant == "cross_attention":
+            params = replace(params, seq_len_kv=77)
+        inputs = spec.make_inputs(spec.normalize(params), seed=21)
+        base = baseline(spec, inputs, registry.get(variant, "naive").fn)
+
+        def refuse(*_, **__):
+            raise AssertionError("host synchronisation in the GPU plan")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", refuse)
+            m.setattr(torch.Tensor, "__bool__", refuse)
+            out = inputs.call(registry.get(variant, "memory_efficient").fn)
+        assert base.judge(out).accurate
+
+
+def test_cpu_tiles_are_tuned_once_cached_and_overridable(monkeypatch, tmp_path):
+    me = memory_efficient_module
+    path = tmp_path / "machine-cpu-t1-tiles.json"
+    monkeypatch.setattr(me, "tiles_path", lambda threads: path)
+    monkeypatch.setattr(me, "TILE_CANDIDATES", ((64, 32), (32, 64)))
+    tuned: list[int] = []
+    real = me.tune_tiles
+
+    def small(candidates=me.TILE_CANDIDATES, **_):
+        tuned.append(1)
+        return real(candidates, seq_len=128, heads=2, head_dim=16, rounds=2)
+
+    monkeypatch.setattr(me, "tune_tiles", small)
+    monkeypatch.delenv(me.TILES_ENV, raising=False)
+    me.cpu_tiles.cache_clear()
+    try:
+        first = me.cpu_tiles(1)
+        assert first in ((64, 32), (32, 64)) and len(tuned) == 1
+        saved = json.loads(path.read_text())
+        assert saved["tiles"] == f"{first[0]}x{first[1]}" and set(saved["medians_s"]) == {"64x32", "32x64"}
+        me.cpu_tiles.cache_clear()
+        assert me.cpu_tiles(1) == first and len(tuned) == 1  # read back, not tuned again
+        for stale in ({"torch": "0.0"}, {"isa": "SSE2"}):  # another torch, another vector ISA: tuned again
+            path.write_text(json.dumps(saved | stale))
+            me.cpu_tiles.cache_clear()
+            me.cpu_tiles(1)
+        assert len(tuned) == 3
+        monkeypatch.setenv(me.TILES_ENV, "256x128")
+        me.cpu_tiles.cache_clear()
+        assert me.cpu_tiles(1) == (256, 128)
+        monkeypatch.setenv(me.TILES_ENV, "big")
+        me.cpu_tiles.cache_clear()
+        with pytest.raises(ValueError, match="ROWSxKEYS"):
+            me.cpu_tiles(1)
+    finally:
+        me.cpu_tiles.cache_clear()

@@ -14,7 +14,8 @@
    --published-decode-gbps with the figure to set beside it (FA3's paged decode: about 1800 on H100).
 
 An implementation that fails is a row with its reason, and the check goes on. With --reference,
-the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head, causal and decode in bfloat16)
+the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head, causal, training (fwd, bwd,
+fwd_bwd) and decode in bfloat16)
 into results/reference/<gpu>-<date>/, with this check's output beside them. Exit 0 when every check
 passes, 1 when one fails, 2 without a CUDA device (or triton).
 
@@ -38,11 +39,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-O_N = ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "memory_efficient", "flash_attn", "xformers", "flex")
+O_N = ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "memory_efficient", "flash_attn", "xformers", "flex", "triton")
 REFERENCE_SUITES = (
     "suites/self_attn_cuda.yaml",
     "suites/multi_head_cuda.yaml",
     "suites/causal_cuda.yaml",
+    "suites/training_cuda.yaml",
     "suites/decode_cuda.yaml",
 )
 
