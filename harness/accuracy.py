@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.variants import Inputs, Variant
+from harness.variants import Inputs, Variant, restrict_mask
 
 NAIVE_FACTOR = 2.0
 # Beyond this many score elements (B·H·Nq·Nkv) the check uses an evenly strided subset of query rows:
@@ -118,13 +118,7 @@ def row_subset(inputs: Inputs, rows: slice) -> Inputs:
         mask = mask[..., rows, :]
     if causal:
         # Built here, not with the kernels' mask helpers: the check shares no code with what it judges.
-        allowed = torch.arange(k.shape[2], device=q.device)[None, :] <= ids[:, None]
-        if mask is None:
-            mask = allowed
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.masked_fill(~allowed, float("-inf"))
+        mask = restrict_mask(mask, torch.arange(k.shape[2], device=q.device)[None, :] <= ids[:, None])
     if mask is not None:
         kwargs["mask"] = mask
     return Inputs((q[:, :, rows], k, v), kwargs)

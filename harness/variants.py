@@ -269,14 +269,20 @@ class DecodeVariant(DotProductVariant):
         if inputs.kwargs.get("causal"):
             n_q, n_kv = q.shape[2], k.shape[2]
             rows = torch.arange(n_q, device=q.device)[:, None] + (n_kv - n_q)
-            allowed = torch.arange(n_kv, device=q.device)[None, :] <= rows  # bottom-right
-            if mask is None:
-                mask = allowed
-            elif mask.dtype == torch.bool:
-                mask = mask & allowed
-            else:
-                mask = mask.masked_fill(~allowed, float("-inf"))
+            mask = restrict_mask(mask, torch.arange(n_kv, device=q.device)[None, :] <= rows)  # bottom-right
         return reference_attention(q, k, v, scale=inputs.kwargs.get("scale"), mask=mask)
+
+
+def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """A mask (bool, additive or None) restricted to the boolean `allowed`: the reference side's own
+    copy of what implementations.masks.fold does, so that the ground truth shares no kernel code."""
+    import torch
+
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
 
 
 def reference_attention(

@@ -20,7 +20,7 @@ from harness import registry
 from harness.errors import first_line
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, with_causal
+from implementations.masks import bottom_right_mask, fold, with_causal
 
 FLASH_DTYPES = ("float16", "bfloat16")
 
@@ -94,9 +94,8 @@ def _xformers(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | N
     n_kv = k.shape[2]
     if k.shape[1] != heads:
         raise ValueError("xformers adapter: grouped-query attention (fewer k/v heads) is not mapped to BMGHK yet")
-    if decode and causal and mask is not None:
-        tri = bottom_right_mask(n_q, n_kv, str(q.device))  # decode's causality folded into the user mask
-        mask, causal = (mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))), False
+    if decode and causal and mask is not None:  # decode's causality folded into the user mask
+        mask, causal = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device))), False
     bias: object = None
     empty_rows = None
     if mask is None and causal:
@@ -147,6 +146,13 @@ def xformers_decode(
     return _xformers(q, k, v, causal, scale, mask, decode=True)
 
 
+def _flash_inputs(kernel: str, q: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if mask is not None:
+        raise ValueError(f"flash_attn: {kernel} takes no attention mask (mask must be None)")
+    if str(q.dtype).removeprefix("torch.") not in FLASH_DTYPES:
+        raise ValueError(f"flash_attn: dtype must be one of {', '.join(FLASH_DTYPES)}, got {q.dtype}")
+
+
 @register("flash_attn", variants=DOT_PRODUCT_VARIANTS, available=_check("flash_attn", lambda: flash_attn, FLASH_DTYPES))
 def flash_attn(
     q: torch.Tensor,
@@ -158,14 +164,11 @@ def flash_attn(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash-attn's flash_attn_func (Tri Dao's CUDA kernels; float16/bfloat16, no arbitrary masks)."""
-    if mask is not None:
-        raise ValueError("flash_attn: flash_attn_func takes no attention mask (mask must be None)")
+    _flash_inputs("flash_attn_func", q, mask)
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(
             "flash_attn: causal with Nq != Nkv is aligned bottom-right by flash-attn, top-left by the harness"
         )
-    if str(q.dtype).removeprefix("torch.") not in FLASH_DTYPES:
-        raise ValueError(f"flash_attn: dtype must be one of {', '.join(FLASH_DTYPES)}, got {q.dtype}")
     from flash_attn import flash_attn_func
 
     out = flash_attn_func(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal)
@@ -187,10 +190,7 @@ def flash_attn_decode(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash-attn's flash_attn_with_kvcache: the new tokens against the cache (bottom-right causal, GQA)."""
-    if mask is not None:
-        raise ValueError("flash_attn: flash_attn_with_kvcache takes no attention mask (mask must be None)")
-    if str(q.dtype).removeprefix("torch.") not in FLASH_DTYPES:
-        raise ValueError(f"flash_attn: dtype must be one of {', '.join(FLASH_DTYPES)}, got {q.dtype}")
+    _flash_inputs("flash_attn_with_kvcache", q, mask)
     from flash_attn import flash_attn_with_kvcache
 
     # (B, Nq, H, D) and caches (B, Nkv, H_kv, D): transposed views, the head dimension contiguous.

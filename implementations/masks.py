@@ -34,12 +34,16 @@ def with_causal(
     """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
     if not causal:
         return mask
-    tri = causal_mask(n_q, n_kv, device, row_ids)
+    return fold(mask, causal_mask(n_q, n_kv, device, row_ids))
+
+
+def fold(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """A user mask (bool or additive, or None) restricted to the boolean `allowed`, of the same kind."""
     if mask is None:
-        return tri
+        return allowed
     if mask.dtype == torch.bool:
-        return mask & tri
-    return mask.masked_fill(~tri, float("-inf"))
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
 
 
 def group_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -95,11 +99,7 @@ def bottom_right(kernel: Callable) -> Callable:
     ) -> torch.Tensor:
         n_q, n_kv = q.shape[2], k.shape[2]
         if causal and n_q > 1:  # one new token sees the whole cache: no mask at all
-            tri = bottom_right_mask(n_q, n_kv, str(q.device))
-            if mask is None:
-                mask = tri
-            else:
-                mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+            mask = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
         return kernel(q, k, v, causal=False, scale=scale, mask=mask)
 
     return decode

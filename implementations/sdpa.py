@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, with_causal
+from implementations.masks import bottom_right_mask, fold, with_causal
 
 try:  # torch >= 2.3: bottom-right causality that the flash and efficient backends take as such
     from torch.nn.attention.bias import causal_lower_right
@@ -47,10 +47,7 @@ def _call(
         if n_q > 1 and mask is None and causal_lower_right is not None:
             mask = causal_lower_right(n_q, n_kv)
         elif n_q > 1:
-            tri = bottom_right_mask(n_q, n_kv, str(q.device))
-            mask = (
-                tri if mask is None else mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, -torch.inf)
-            )
+            mask = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
     if mask is not None and causal:
         # SDPA refuses attn_mask together with is_causal; fold the causal mask in instead.
         mask, causal = with_causal(mask, True, q.shape[2], k.shape[2], q.device), False
