@@ -302,21 +302,23 @@ def reference_attention(
     """
     import torch
 
-    n_q, n_kv, d = q.shape[2], k.shape[2], q.shape[3]
+    batch, heads, n_q, d = q.shape
+    kv_heads, n_kv = k.shape[1], k.shape[2]
+    group = heads // kv_heads  # grouped-query attention: query head h reads kv head h // group
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // group
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     rows = rows or slice(0, n_q)
     start, stop, step = rows.indices(n_q)
     k64, v64 = k.double(), v.double()
     row_ids = torch.arange(start, stop, step, device=q.device)
     # Bound the float64 score block to ~32M elements (256 MiB).
-    chunk = max(1, (32 << 20) // max(1, q.shape[0] * q.shape[1] * n_kv))
+    chunk = max(1, (32 << 20) // max(1, batch * heads * n_kv))
     out = []
     for i in range(0, len(row_ids), chunk):
         idx = row_ids[i : i + chunk]
-        scores = torch.matmul(q[:, :, idx].double(), k64.transpose(-2, -1)) * scale
+        # A kv head's query heads as one block of rows: the float64 cache is never repeated per group
+        # (B=8 x 8 kv heads x 32k keys would be 2 GiB more per tensor).
+        q_rows = q[:, :, idx].double().reshape(batch, kv_heads, group * len(idx), d)
+        scores = torch.matmul(q_rows, k64.transpose(-2, -1)).view(batch, heads, len(idx), n_kv) * scale
         if mask is not None:
             m = mask if mask.shape[-2] == 1 else mask[..., idx, :]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.double()
@@ -325,7 +327,8 @@ def reference_attention(
             scores = scores.masked_fill(~allowed, float("-inf"))
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
         weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-        out.append(torch.matmul(weights, v64))
+        grouped = weights.view(batch, kv_heads, group * len(idx), n_kv)
+        out.append(torch.matmul(grouped, v64).view(batch, heads, len(idx), d))
     return torch.cat(out, dim=2)
 
 
