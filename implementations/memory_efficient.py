@@ -55,6 +55,8 @@ CUDA_K_TILE = 512
 # log-sum-exp that are merged exactly at the end; a partition's scores hold at most
 # DECODE_STEP_ELEMENTS elements (float32: 16 MiB on a CPU), and it has at least DECODE_MIN_PARTITION keys.
 DECODE_MIN_PARTITION = 256
+# Up to this many rows per kv head, float32 scores are computed as cache x rows (see _decode).
+DECODE_CACHE_MAJOR_ROWS = 8
 DECODE_STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 # A query tile whose row sums exceed this under the lagged maximum is redone exactly: far below
 # float32's 2**127, so nothing on the fast path can overflow unnoticed.
@@ -422,7 +424,8 @@ def memory_efficient(
 
 
 def _decode_partitions(n_kv: int, rows: int, device: torch.device) -> Iterator[tuple[int, int]]:
-    """Key ranges of a decode call's partitions: as few as the scratch budget allows (see _decode)."""
+    """Key ranges of one decode step's partitions: as few as the scratch budget allows (see _decode).
+    `rows`: the step's heads x rows per kv head."""
     budget = DECODE_STEP_ELEMENTS.get(device.type, DECODE_STEP_ELEMENTS["cpu"])
     size = min(n_kv, max(DECODE_MIN_PARTITION, budget // rows))  # rows: B x kv heads x rows per kv head
     for start in range(0, n_kv, size):
@@ -433,11 +436,13 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     """Flash-Decoding: per KV partition a partial output and log-sum-exp, merged exactly.
 
     The query heads of one kv head and their Nq new tokens are one block of rows, so each key and value
-    is read once for all of them. Scores come out as (keys, rows), the cache times the rows: the
-    memory-bound shape a BLAS streams fastest (2-core EPYC, Nkv=32k, 8 kv heads, 4 rows: 21 GB/s,
-    against 10 GB/s for rows times the transposed cache), then turn into (rows, keys) for the softmax.
+    is read once for all of them. With few rows in float32, scores come out as (keys, rows), the cache
+    times the rows: the memory-bound shape MKL streams fastest (2-core EPYC, Nkv=32k, 8 kv heads, 4
+    rows: 21 GB/s, against 10 GB/s for rows times the transposed cache), then turn into (rows, keys)
+    for the softmax; with more rows, or in bfloat16, rows times the transposed cache is faster.
     On a CPU the BLAS already spreads one GEMM over the cores, so partitions are as long as the scratch
-    budget allows (256 partitions of 1024 keys took 20 ms where one 32k-key GEMM per head took 6.7 ms).
+    budget allows (256 partitions of 1024 keys took 20 ms where one 32k-key GEMM per head took 6.7 ms):
+    a step takes whole caches of as many heads as fit, and only a head too long for the budget is split.
     Low-precision caches are multiplied in their own dtype (read once, as a tensor-core GEMM would)
     with the softmax and the merge in float32.
     """
@@ -448,26 +453,41 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     work = torch.float64 if gemm == torch.float64 else torch.float32
     q_rows = (q.to(work) * (scale * LOG2E)).to(gemm).reshape(batch * kv_heads, rows, head_dim)  # (B·H_kv, R, D)
     k_f, v_f = (t.reshape(batch * kv_heads, n_kv, head_dim) for t in (k, v))  # views of a cache
+    # Which operand streams: measured on a 2-core EPYC at Nkv=32k (ms, cache x rows / rows x cache^T):
+    # float32 with 4 rows 8.0 / 15.0, with 32 rows 62 / 41; bfloat16 with 4 rows 13.0 / 7.9.
+    cache_major = gemm in (torch.float32, torch.float64) and rows <= DECODE_CACHE_MAJOR_ROWS
     # Row r is new token r % Nq: it sees keys j <= Nkv - Nq + r % Nq.
     last_key = torch.arange(rows, device=q.device)[:, None] % n_q + (n_kv - n_q) if causal and n_q > 1 else None
-    outs, maxima, sums = [], [], []
-    for start, stop in _decode_partitions(n_kv, batch * kv_heads * rows, q.device):
-        scores = torch.bmm(k_f[:, start:stop], q_rows.transpose(1, 2))  # (B·H_kv, S, R), base 2
-        s = scores.transpose(1, 2).to(work).contiguous()  # (B·H_kv, R, S): row-wise reductions run fast
-        if last_key is not None and stop - 1 > n_kv - n_q:
-            s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)  # (B·H_kv, R, 1)
-        m = m.masked_fill(torch.isneginf(m), 0.0)  # a partition a row cannot see adds exactly 0
-        p = s.sub_(m).exp2_()
-        sums.append(p.sum(dim=-1, keepdim=True))
-        outs.append(torch.bmm(p.to(gemm), v_f[:, start:stop]).to(work))  # (B·H_kv, R, D), unnormalised
-        maxima.append(m)
-    if len(outs) == 1:
-        out = outs[0] / sums[0]
-    else:
-        m = torch.stack(maxima)  # (P, B·H_kv, R, 1)
-        weight = torch.exp2(m - m.amax(dim=0))  # each partition's share of the row's softmax
-        out = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
+    budget = DECODE_STEP_ELEMENTS.get(q.device.type, DECODE_STEP_ELEMENTS["cpu"])
+    # Whole (batch, kv head) caches per step while their scores fit the budget: those slices are
+    # contiguous, and a bfloat16 GEMM on a key range of many heads (a strided batch) ran 6x slower.
+    # A head whose scores alone exceed it is split into key partitions and merged (Flash-Decoding).
+    head_step = max(1, budget // (rows * n_kv))
+    out = torch.empty((batch * kv_heads, rows, head_dim), dtype=work, device=q.device)
+    for h0 in range(0, batch * kv_heads, head_step):
+        h1 = min(batch * kv_heads, h0 + head_step)
+        q_h, k_h, v_h = q_rows[h0:h1], k_f[h0:h1], v_f[h0:h1]
+        outs, maxima, sums = [], [], []
+        for start, stop in _decode_partitions(n_kv, (h1 - h0) * rows, q.device):
+            if cache_major:
+                scores = torch.bmm(k_h[:, start:stop], q_h.transpose(1, 2))  # (heads, S, R), base 2
+                s = scores.transpose(1, 2).to(work).contiguous()  # (heads, R, S): row-wise reductions run fast
+            else:
+                s = torch.bmm(q_h, k_h[:, start:stop].transpose(1, 2)).to(work)  # (heads, R, S), base 2
+            if last_key is not None and stop - 1 > n_kv - n_q:
+                s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)  # (heads, R, 1)
+            m = m.masked_fill(torch.isneginf(m), 0.0)  # a partition a row cannot see adds exactly 0
+            p = s.sub_(m).exp2_()
+            sums.append(p.sum(dim=-1, keepdim=True))
+            outs.append(torch.bmm(p.to(gemm), v_h[:, start:stop]).to(work))  # (heads, R, D), unnormalised
+            maxima.append(m)
+        if len(outs) == 1:
+            out[h0:h1] = outs[0] / sums[0]
+        else:
+            m = torch.stack(maxima)  # (P, heads, R, 1)
+            weight = torch.exp2(m - m.amax(dim=0))  # each partition's share of the row's softmax
+            out[h0:h1] = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
     return out.view(batch, heads, n_q, head_dim).to(q.dtype)
 
 

@@ -91,3 +91,21 @@ def test_without_the_interpreter_a_cpu_has_no_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     ok, why = registry.get("multi_head", "triton").available("cpu", "float32")
     assert not ok and "TRITON_INTERPRET=1" in why
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_for_an_h100_without_one():
+    """Ahead-of-time compilation to sm_90 cubin with triton's bundled ptxas: what the GPU compiler would
+    reject (the interpreter accepts more) fails here, in CI, without a GPU."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    command = [sys.executable, "tools/triton_compile_check.py", "--arch", "90", "--head-dim", "64"]
+    command += ["--dtype", "bfloat16", "float32", "--configs", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "all compiled" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("forward", "backward_kv", "backward_q"))]
+    assert len(rows) == 3 * 2 * 2  # kernels x dtypes x causal
