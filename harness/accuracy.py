@@ -108,8 +108,9 @@ def check_rows(variant: Variant, inputs: Inputs) -> slice | None:
     return slice(0, q.shape[2], step)
 
 
-def row_subset(inputs: Inputs, rows: slice) -> Inputs:
-    """The same problem restricted to some query rows, with causality made an explicit mask."""
+def row_subset(inputs: Inputs, rows: slice, causal_offset: int = 0) -> Inputs:
+    """The same problem restricted to some query rows, with causality made an explicit mask
+    (query i sees keys j <= i + causal_offset: the variant's alignment, Variant.causal_offset)."""
     q, k, v = inputs.args
     kwargs = dict(inputs.kwargs)
     mask, causal = kwargs.pop("mask", None), kwargs.pop("causal", False)
@@ -118,7 +119,8 @@ def row_subset(inputs: Inputs, rows: slice) -> Inputs:
         mask = mask[..., rows, :]
     if causal:
         # Built here, not with the kernels' mask helpers: the check shares no code with what it judges.
-        mask = restrict_mask(mask, torch.arange(k.shape[2], device=q.device)[None, :] <= ids[:, None])
+        allowed = torch.arange(k.shape[2], device=q.device)[None, :] <= ids[:, None] + causal_offset
+        mask = restrict_mask(mask, allowed)
     if mask is not None:
         kwargs["mask"] = mask
     return Inputs((q[:, :, rows], k, v), kwargs)
@@ -142,7 +144,11 @@ class Baseline:
 def baseline(variant: Variant, inputs: Inputs, naive_fn) -> Baseline:
     """Compute the float64 reference and naive-in-dtype output once per case shape."""
     rows = check_rows(variant, inputs)
-    subset = inputs if rows is None else row_subset(inputs, rows)
+    if rows is None:
+        subset = inputs
+    else:
+        q, k, _ = inputs.args
+        subset = row_subset(inputs, rows, variant.causal_offset(q.shape[2], k.shape[2]))
     with torch.no_grad():
         reference = variant.reference(subset)
         naive_output = subset.call(naive_fn)

@@ -204,6 +204,10 @@ class DotProductVariant(Variant):
     def bytes_moved(self, params: Params) -> float:
         return shapes.dot_product_bytes(params)
 
+    def causal_offset(self, n_q: int, n_kv: int) -> int:
+        """Under `causal`, query i sees keys j <= i + offset: 0 is top-left, like torch's is_causal."""
+        return 0
+
     def reference(self, inputs: Inputs) -> torch.Tensor:
         q, k, v = inputs.args
         return reference_attention(
@@ -213,6 +217,7 @@ class DotProductVariant(Variant):
             causal=inputs.kwargs.get("causal", False),
             scale=inputs.kwargs.get("scale"),
             mask=inputs.kwargs.get("mask"),
+            causal_offset=self.causal_offset(q.shape[2], k.shape[2]),
         )
 
 
@@ -261,16 +266,9 @@ class DecodeVariant(DotProductVariant):
     def flops(self, params: Params) -> float:
         return shapes.decode_flops(params)
 
-    def reference(self, inputs: Inputs) -> torch.Tensor:
-        import torch
-
-        q, k, v = inputs.args
-        mask = inputs.kwargs.get("mask")
-        if inputs.kwargs.get("causal"):
-            n_q, n_kv = q.shape[2], k.shape[2]
-            rows = torch.arange(n_q, device=q.device)[:, None] + (n_kv - n_q)
-            mask = restrict_mask(mask, torch.arange(n_kv, device=q.device)[None, :] <= rows)  # bottom-right
-        return reference_attention(q, k, v, scale=inputs.kwargs.get("scale"), mask=mask)
+    def causal_offset(self, n_q: int, n_kv: int) -> int:
+        """Bottom-right: the new tokens are the cache's last Nq positions."""
+        return n_kv - n_q
 
 
 def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
@@ -294,8 +292,10 @@ def reference_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     rows: slice | None = None,
+    causal_offset: int = 0,
 ) -> torch.Tensor:
     """Float64 softmax(q kᵀ · scale + mask) v, in query-row chunks; fully masked rows give zeros.
+    Under `causal`, query i sees keys j <= i + causal_offset (0: top-left; Nkv - Nq: decode's bottom-right).
 
     `rows` restricts the result to a slice of query rows (the runner samples rows of very long
     sequences); the returned tensor then holds only those rows.
@@ -323,7 +323,7 @@ def reference_attention(
             m = mask if mask.shape[-2] == 1 else mask[..., idx, :]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.double()
         if causal:
-            allowed = torch.arange(n_kv, device=q.device)[None, :] <= idx[:, None]
+            allowed = torch.arange(n_kv, device=q.device)[None, :] <= idx[:, None] + causal_offset
             scores = scores.masked_fill(~allowed, float("-inf"))
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
         weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)

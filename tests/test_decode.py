@@ -228,3 +228,17 @@ def test_chatbot_generation_with_a_kv_cache_matches_recomputing_the_prefix():
         tokens = chatbot.generate(model, prompts, 4, prefill, decode)
         decode.use("memory_efficient")
         assert torch.equal(chatbot.generate(model, prompts, 4, prefill, decode), tokens)
+
+
+def test_a_row_sampled_check_keeps_decode_bottom_right(monkeypatch):
+    """Long caches are checked on a subset of query rows; that subset must keep decode's alignment,
+    or every correct kernel would be judged wrong (the check fails a top-left kernel still)."""
+    import harness.accuracy as accuracy
+
+    monkeypatch.setattr(accuracy, "FULL_CHECK_ELEMENTS", 100)
+    inputs = _inputs(batch=1, heads=2, kv_heads=1, n_q=16, n_kv=40)
+    base = accuracy.baseline(DECODE, inputs, registry.get("decode", "naive").fn)
+    assert base.rows is not None and base.rows.step > 1
+    for name in _impls():
+        assert base.judge(inputs.call(registry.get("decode", name).fn)).accurate, name
+    assert not base.judge(inputs.call(registry.get("causal", "naive").fn)).accurate
