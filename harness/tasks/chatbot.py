@@ -144,15 +144,14 @@ def _cached_block(block: Block, x: torch.Tensor, k_cache, v_cache, start: int, k
     """One transformer block on positions start.. start + n, appending their keys and values to the cache."""
     attn, n = block.attn, x.shape[1]
     h = block.norm1(x)
-    q, k, v = attn._split(attn.q(h)), attn._split(attn.k(h)), attn._split(attn.v(h))
+    q, k, v = attn.project(h, h)
     k_cache[:, :, start : start + n] = k
     v_cache[:, :, start : start + n] = v
     # The prompt (start 0) is causal attention over itself; a step's n new tokens are decode's
     # bottom-right causality, which a single token does not need.
     causal = n > 1
     y = kernel(q.contiguous(), k_cache[:, :, : start + n], v_cache[:, :, : start + n], causal=causal)
-    b, heads, _, d = y.shape
-    x = x + attn.out(y.transpose(1, 2).reshape(b, n, heads * d))
+    x = x + attn.merge(y)
     return x + block.mlp(block.norm2(x))
 
 

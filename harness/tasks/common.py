@@ -53,12 +53,18 @@ class MultiHeadAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context))
-        y = self.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal)
+    def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q from x, k and v from the context, each (B, heads, N, D)."""
+        return self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context))
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, heads, N, D) back to (B, N, dim), through the output projection."""
         b, h, n, d = y.shape
         return self.out(y.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project(x, x if context is None else context)
+        return self.merge(self.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal))
 
 
 class Block(nn.Module):
