@@ -180,6 +180,14 @@ class Record(BaseModel):
         return iter(self.keys())
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it and a rename: a reader, or another process
+    writing the same file, sees the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def new_record(suite: str, variant: str, implementation: str, case_id: str, params: dict, **fields: Any) -> Record:
     fields["schema_version"] = SCHEMA_VERSION  # written now, whatever the outcome carried
     return Record(suite=suite, variant=variant, implementation=implementation, case_id=case_id, params=params, **fields)
@@ -252,9 +260,7 @@ class RunFolder:
             ) from None
 
     def write_json(self, name: str, data: dict) -> None:
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False))
-        tmp.replace(self.path / name)
+        write_atomically(self.path / name, json.dumps(_clean(data), indent=2, allow_nan=False))
 
     def close(self) -> None:
         self._jsonl.close()

@@ -149,10 +149,10 @@ def cpu_tiles(threads: int) -> tuple[int, int]:
         "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
+        from harness.results import write_atomically
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
     except OSError:
         pass  # a read-only checkout still runs, with tiles tuned in this process
     return tiles

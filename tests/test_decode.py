@@ -17,17 +17,14 @@ from harness import registry, shapes
 from harness.errors import InputError
 from harness.suite import parse_text
 from harness.variants import VARIANTS, Inputs, Params
-from tests.conftest import ROOT, assert_accurate
+from tests.conftest import ROOT, assert_accurate, available_cpu
 
 DECODE = VARIANTS["decode"]
 
 
-def _impls(dtype: str = "float32", **case) -> list[str]:
-    return [
-        i.name
-        for i in registry.implementations("decode")
-        if i.available("cpu", dtype, heads=4, kv_heads=2, head_dim=16, seq_len=3, seq_len_kv=50, **case)[0]
-    ]
+def _impls(dtype: str = "float32") -> list[str]:
+    shape = {"heads": 4, "kv_heads": 2, "head_dim": 16, "seq_len": 3, "seq_len_kv": 50}
+    return [i.name for i in available_cpu("decode", dtype, **shape)]
 
 
 def _inputs(batch=2, heads=4, kv_heads=2, n_q=1, n_kv=67, head_dim=16, dtype="float32", seed=5) -> Inputs:
