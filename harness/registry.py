@@ -7,6 +7,7 @@ entry-point group ``harness.implementations`` whose value is a module to import.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib
 import importlib.metadata
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness.errors import first_line, unknown_name
+from harness.errors import did_you_mean, first_line, unknown_name
 
 if TYPE_CHECKING:
     import torch
@@ -320,3 +321,31 @@ def needs_cuda(device: str | None = None, **_: object) -> tuple[bool, str]:
     if not _cuda_ok():
         return False, "no CUDA device"
     return True, ""
+
+
+# ----------------------------------------------------------------------------- names and patterns
+
+WILDCARDS = "*?["
+
+
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether `name` is one of `patterns` or matches one of them as a wildcard (timm's listing)."""
+    return any(name == p or (any(c in p for c in WILDCARDS) and fnmatch.fnmatchcase(name, p)) for p in patterns)
+
+
+def known_names(variant: str, listing: dict[str, list[str]] | None = None) -> list[str]:
+    """The implementations of `variant`: from `listing` (another tree's registry, as the gate lists it),
+    else this process's."""
+    return listing.get(variant, []) if listing is not None else names(variant)
+
+
+def unknown_pattern(pattern: str, variants: Iterable[str], listing: dict[str, list[str]] | None = None) -> str:
+    """'' when `pattern` names (or matches) an implementation of one of `variants`; else why not."""
+    known = sorted({n for v in variants for n in known_names(v, listing)})
+    if any(name_matches(n, [pattern]) for n in known):
+        return ""
+    what = "pattern" if any(c in pattern for c in WILDCARDS) else "implementation"
+    return (
+        f"unknown {what} {pattern!r}: no implementation matches it.{did_you_mean(pattern, known)} "
+        f"Allowed: {', '.join(known)}"
+    )

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,8 +39,9 @@ RECORD_KEYS = (
     "tolerance",
     "accurate",
 )
-# 1: the unversioned records of the first release (read as they are); 2: `schema_version` written.
-SCHEMA_VERSION = 2
+# 1: the unversioned records of the first release; 2: `schema_version` written; 3: typed nested values,
+# every axis in `params` (see MIGRATIONS).
+SCHEMA_VERSION = 3
 JSONL = "results.jsonl"
 MIN_FREE_BYTES = 16 << 20
 # Where runs, gates, profiles and the task cache go unless told otherwise (relative to the cwd).
@@ -79,46 +80,78 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class Outcome(BaseModel):
-    """What measuring one case produced: the record's measured fields, status first.
+class _Stored(BaseModel):
+    """A typed model read like the JSON object it is stored as (`m["median"]`, `m.get("note")`), so
+    the report's and compare's readers index nested values as they index a record. A key that is not
+    declared is refused: a misspelt key must fail where it is written, not become an extra field."""
 
-    A worker sends one back per request; the parent makes one when the worker crashed, hung or
-    ran out of memory, or when a case was skipped before reaching a worker.
-    """
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model_config = ConfigDict(extra="allow")
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Like dict.get on the stored JSON object: an unset optional key gives `default`."""
+        value = getattr(self, key, None) if key in type(self).model_fields else None
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.keys()
+
+    def keys(self) -> list[str]:
+        """The stored keys: the required ones, and the optional ones that are set."""
+        return [k for k, f in type(self).model_fields.items() if f.is_required() or getattr(self, k) is not None]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __iter__(self):  # type: ignore[override] - a mapping iterates its keys (dict(model) works)
+        return iter(self.keys())
+
+
+class TimeS(_Stored):
+    """Seconds per call of a timed case (harness.timing.TimingStats); the gate adds its rounds' medians."""
+
+    median: float
+    iqr: float
+    min: float
+    mean: float
+    n: int
+    calls_per_sample: int = 1
+    mode: str = "wall"
+    samples: list[float] = Field(default_factory=list)
+    round_medians: list[float] | None = None
+
+
+class Roofline(_Stored):
+    """A timed case against the machine's measured ceilings (harness.roofline)."""
+
+    bound: Literal["compute", "memory"]
+    fraction: float
+    peak_tflops: float
+    peak_gbps: float
+    note: str | None = None
+
+
+class TaskMetric(_Stored):
+    """One metric of an application task (harness.tasks): an implementation's value beside naive's."""
+
+    metric: str
+    value: float | None = None
+    baseline: float | None = None
+    baseline_name: str | None = None
+    naive_value: float | None = None
+    higher_is_better: bool = True
+
+
+class Measured(_Stored):
+    """What measuring a case produced: the keys a worker fills (DESIGN's record keys, less the case's identity)."""
 
     status: Status = Status.ok
     reason: str = ""
-
-    @classmethod
-    def failure(cls, status: Status | str, reason: str) -> Outcome:
-        return cls(status=Status(status), reason=reason)
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
-class Record(BaseModel):
-    """One line of results.jsonl: a case's params and what was measured (DESIGN's record keys).
-
-    Task records and later releases add keys; they are kept (extra="allow"), and old files without
-    `schema_version` load as version 1. Readers index a record like the JSON object it is stored as
-    (`record["time_s"]["median"]`, `record.get("accurate")`), which the report's tables use.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    schema_version: int = SCHEMA_VERSION
-    suite: str = ""
-    variant: str = ""
-    implementation: str = ""
-    case_id: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    status: Status = Status.ok
-    reason: str = ""
-    time_s: dict[str, Any] | None = None
+    time_s: TimeS | None = None
     tflops: float | None = None
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
@@ -127,6 +160,7 @@ class Record(BaseModel):
     tolerance: float | None = None
     accurate: bool | None = None
     first_call_s: float | None = None
+    setup_s: float | None = None  # an implementation's per-shape set-up (registry `setup`), apart from calls
     threads_used: int | None = None
     source_file: str | None = None
     leak_note: str | None = None
@@ -136,48 +170,111 @@ class Record(BaseModel):
     grad_tolerance: dict[str, float] | None = None
     bytes_moved: float | None = None
     gbps: float | None = None
-    roofline: dict[str, Any] | None = None
+    roofline: Roofline | None = None
+    density: float | None = None  # visible (query, key) pairs / (Nq · Nkv)
+    doc_lens: list[list[int]] | None = None  # packed documents per batch row
+    cache_lens: list[int] | None = None  # each request's KV cache length
+    # Application tasks (harness.tasks)
+    agreement: float | None = None
+    samples_per_s: float | None = None
+    eval_seconds: float | None = None
+    train_seconds: float | None = None
+    cached_weights: bool | None = None
+    task_extra: dict[str, Any] | None = None
+
+
+class Outcome(Measured):
+    """What measuring one case produced, as the worker sends it back (a task's metrics still together).
+
+    The parent makes one too when the worker crashed, hung or ran out of memory, or when a case was
+    skipped before reaching a worker.
+    """
+
+    task_metrics: list[TaskMetric] | None = None
+
+    @classmethod
+    def failure(cls, status: Status | str, reason: str) -> Outcome:
+        return cls(status=Status(status), reason=reason)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 only started writing `schema_version`."""
+    return data
+
+
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 writes every axis in `params`: older kernel records get the axes they predate at their
+    defaults (direction fwd, kv_heads None: every head with its own k and v)."""
+    from harness.shapes import DEFAULTS
+
+    if data.get("params"):
+        data["params"] = DEFAULTS | data["params"]
+    return data
+
+
+# How a record of each older version becomes one of the next (pyperf keeps its format history so).
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
+
+
+class Record(Measured):
+    """One line of results.jsonl: a case's identity, params and what was measured (the record keys).
+
+    Older files load through MIGRATIONS (no `schema_version`: version 1). Readers index a record like
+    the JSON object it is stored as (`record["time_s"]["median"]`, `record.get("accurate")`).
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    suite: str = ""
+    variant: str = ""
+    implementation: str = ""
+    case_id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    # Task records (one per metric; `task_case` is the case they share)
+    task: str | None = None
+    task_case: str | None = None
+    metric: str | None = None
+    value: float | None = None
+    baseline: float | None = None
+    baseline_name: str | None = None
+    naive_value: float | None = None
+    higher_is_better: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _version(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "schema_version" not in data:
-            data = {**data, "schema_version": 1}
+    def _migrate(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        version = data.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {version!r}: written by a newer harness (this one reads up to {SCHEMA_VERSION})"
+            )
+        data = dict(data)
+        while version < SCHEMA_VERSION:
+            data = MIGRATIONS[version](data)
+            version += 1
+        data["schema_version"] = version
         return data
 
     @property
     def failed(self) -> bool:
         return self.status in FAILED
 
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object this record is stored as (NaN/Inf as strings; unset optional keys left out)."""
-        return _clean({k: getattr(self, k) for k in self.keys()})
-
-    # The mapping view: readers treat a record as the JSON object it is stored as.
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Like dict.get on the stored JSON object: an unset optional key gives `default`."""
-        value = getattr(self, key, None)
-        return default if value is None else value
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self.keys()
-
     def keys(self) -> list[str]:
         """The stored keys: every design key, and the optional ones that are set."""
-        names = [*type(self).model_fields, *(self.model_extra or {})]
-        return [k for k in names if k in RECORD_KEYS or getattr(self, k) is not None]
+        return [k for k in type(self).model_fields if k in RECORD_KEYS or getattr(self, k) is not None]
 
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self, k)) for k in self.keys()]
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object this record is stored as (NaN/Inf as strings; unset optional keys left out)."""
+        return _clean({k: _plain(getattr(self, k)) for k in self.keys()})
 
-    def __iter__(self):  # type: ignore[override] - a mapping iterates its keys (dict(record) works)
-        return iter(self.keys())
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -321,27 +418,27 @@ def latest_records(records: list[Record]) -> list[Record]:
 
 
 def to_frame(records: list[Record] | list[dict]):
-    """A flat pandas DataFrame: params.* and time_s.* become columns; samples are left out."""
+    """A flat pandas DataFrame: `params.*` become plain columns (`batch`), `time_s.*` `time_*` and
+    `roofline.*` `roofline_*`; raw samples are left out (compare reads them from the records)."""
     import pandas as pd
 
     rows = []
-    for r in (as_record(r).as_dict() for r in records):
-        row = {k: v for k, v in r.items() if k not in ("params", "time_s", "roofline")}
-        if r.get("params"):
-            # Records from before these axes: the forward, every head with its own k and v.
-            row["direction"], row["kv_heads"] = "fwd", None
-        row.update(r.get("params") or {})
-        for key, value in (r.get("time_s") or {}).items():
-            if key not in ("samples", "round_medians"):
-                row[f"time_{key}"] = value
-        for key, value in (r.get("roofline") or {}).items():
-            row[f"roofline_{key}"] = value
+    for record in records:
+        row = as_record(record).as_dict()
+        if isinstance(row.get("time_s"), dict):
+            row["time_s"] = {k: v for k, v in row["time_s"].items() if k not in ("samples", "round_medians")}
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.json_normalize(rows, max_level=1)
+    frame.columns = [_column(c) for c in frame.columns]
     for column in ("max_abs_err", "max_rel_err", "tolerance", "tflops", "tokens_per_s", "gbps", "roofline_fraction"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
+
+
+def _column(name: str) -> str:
+    prefix, _, key = name.partition(".")
+    return {"params": key, "time_s": f"time_{key}"}.get(prefix, name.replace(".", "_")) if key else name
 
 
 def write_csv(records: list[Record], path: str | Path) -> None:

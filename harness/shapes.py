@@ -8,7 +8,8 @@ should pay a torch import (several seconds) to answer "is this suite valid?".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
@@ -23,20 +24,93 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float
 
 
 @dataclass(frozen=True)
-class Params:
-    """One point of a sweep: the shape and placement of a case (the record's `params`)."""
+class Axis:
+    """How one sweep axis is declared: the only place its type, bounds, applicability and id are written.
 
-    batch: int = 1
-    heads: int = 1
-    kv_heads: int | None = None  # grouped-query attention: k and v have this many heads (None: `heads`)
-    seq_len: int = 128
-    seq_len_kv: int | None = None
-    head_dim: int = 64
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    causal: bool = False
-    direction: str = "fwd"
+    Each field of `Params` carries one (as dataclass metadata). The suite's `Sweep` and `ExcludeRule`
+    models, case ids, the report's shape columns, the plot groups and the roofline's params all derive
+    from these declarations, so adding an axis is one field here plus its meaning in the kernels and
+    the reference.
+    """
+
+    kind: type  # int, str or bool: what a value of the axis is
+    doc: str
+    optional: bool = False  # None allowed: "derived" (kv_heads = heads, seq_len_kv = seq_len, ...)
+    gt: int | None = None  # integer bounds
+    le: int | None = None
+    choices: tuple[str, ...] = ()  # the allowed strings (empty: any, or `pattern`)
+    pattern: str = ""  # a regular expression a string value must match fully
+    allowed: str = ""  # how `pattern` is put to a user ("cpu, cuda, cuda:N, mps")
+    variants: tuple[str, ...] | None = None  # the variants it means something to (None: every variant)
+    required: bool = False  # a sweep must give it (it has no sensible default)
+    tag: Callable[[Any, Any], str] | None = None  # (value, params) -> its part of the case id; '' adds nothing
+
+
+def axis(default: Any, kind: type, doc: str, **declaration: Any) -> Any:
+    """A `Params` field declared as a sweep axis (see `Axis`)."""
+    return field(default=default, metadata={"axis": Axis(kind, doc, **declaration)})
+
+
+def _kv_heads_tag(value: int | None, p: Params) -> str:
+    return "" if value in (None, p.heads) else f"g{value}"  # h32g8: 32 query heads, 8 kv heads
+
+
+@dataclass(frozen=True)
+class Params:
+    """One point of a sweep: the shape and placement of a case (the record's `params`).
+
+    The field order is the order of a case id's parts and of a sweep's product.
+    """
+
+    batch: int = axis(1, int, "batch size B", gt=0, le=1 << 24, tag=lambda v, p: f"b{v}")
+    heads: int = axis(1, int, "query heads H", gt=0, le=1 << 24, tag=lambda v, p: f"-h{v}")
+    kv_heads: int | None = axis(
+        None,
+        int,
+        "key/value heads (grouped-query attention; None: `heads`)",
+        optional=True,
+        gt=0,
+        le=1 << 24,
+        tag=_kv_heads_tag,
+    )
+    seq_len: int = axis(128, int, "query length N (Nq)", gt=0, le=1 << 24, required=True, tag=lambda v, p: f"-n{v}")
+    seq_len_kv: int | None = axis(
+        None,
+        int,
+        "key/value length Nkv (None: seq_len)",
+        optional=True,
+        gt=0,
+        le=1 << 24,
+        variants=("cross_attention", "decode"),
+        tag=lambda v, p: "" if v is None else f"-kv{v}",
+    )
+    head_dim: int = axis(64, int, "head dimension D", gt=0, le=1 << 24, tag=lambda v, p: f"-d{v}")
+    dtype: str = axis("float32", str, "element type", choices=DTYPE_NAMES, tag=lambda v, p: f"-{v}")
+    device: str = axis(
+        "cpu",
+        str,
+        "torch device",
+        pattern=r"cpu|cuda|cuda:\d+|mps",
+        allowed="cpu, cuda, cuda:N, mps",
+        tag=lambda v, p: f"-{v}",
+    )
+    threads: int | None = axis(
+        None,
+        int,
+        "CPU threads (None: torch's default)",
+        optional=True,
+        gt=0,
+        le=1024,
+        tag=lambda v, p: "" if v is None else f"-t{v}",
+    )
+    causal: bool = axis(False, bool, "causal mask", tag=lambda v, p: "-causal" if v else "")
+    direction: str = axis(
+        "fwd",
+        str,
+        "what is timed: forward, backward, both",
+        choices=DIRECTIONS,
+        tag=lambda v, p: "" if v == "fwd" else f"-{v}",  # forward ids stay what they were
+    )
 
     @property
     def kv_len(self) -> int:
@@ -47,34 +121,44 @@ class Params:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "heads": self.heads,
-            "kv_heads": self.kv_heads,
-            "seq_len": self.seq_len,
-            "seq_len_kv": self.seq_len_kv,
-            "head_dim": self.head_dim,
-            "dtype": self.dtype,
-            "device": self.device,
-            "threads": self.threads,
-            "causal": self.causal,
-            "direction": self.direction,
-        }
+        return asdict(self)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Params:
+        """Params from a record's `params` or a frame row: axes it lacks (older records) at their
+        defaults, keys it has that are not axes (newer records) ignored, pandas' NaN read as None."""
+        known = {}
+        for name, declared in AXES.items():
+            value = values.get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            known[name] = declared.kind(value)
+        return cls(**known)
 
 
-# The sweep axes, in the order a case id and a sweep's product use them.
-PARAM_AXES: tuple[str, ...] = tuple(Params().as_dict())
+# The sweep axes, declared once (above), in the order a case id and a sweep's product use them.
+AXES: dict[str, Axis] = {f.name: f.metadata["axis"] for f in fields(Params)}
+PARAM_AXES: tuple[str, ...] = tuple(AXES)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Params)}
+# A case's shape in the report's tables and plot groups: the variant, the direction, then every other axis.
+SHAPE_KEYS: tuple[str, ...] = ("variant", "direction", *(a for a in PARAM_AXES if a != "direction"))
+
+
+def inapplicable(variant: str, p: Params) -> str:
+    """Why an axis set away from its default means nothing to `variant` (''): the axes' `variants`."""
+    for name, declared in AXES.items():
+        value = getattr(p, name)
+        if declared.variants is not None and variant not in declared.variants and value != DEFAULTS[name]:
+            meant = " and ".join(declared.variants)
+            return f"{name} is only for {meant}; {variant} does not take it (got {name}={value!r})"
+    return ""
 
 
 def case_id(variant: str, implementation: str, p: Params) -> str:
-    """Stable across runs: the same variant, implementation and params give the same id."""
-    kv = f"-kv{p.seq_len_kv}" if p.seq_len_kv is not None else ""
-    threads = f"-t{p.threads}" if p.threads is not None else ""
-    causal = "-causal" if p.causal else ""
-    direction = "" if p.direction == "fwd" else f"-{p.direction}"  # forward ids stay what they were
-    groups = "" if p.kv_heads in (None, p.heads) else f"g{p.kv_heads}"  # h32g8: 32 query heads, 8 kv heads
-    shape = f"b{p.batch}-h{p.heads}{groups}-n{p.seq_len}{kv}-d{p.head_dim}"
-    return f"{variant}/{implementation}/{shape}-{p.dtype}-{p.device}{threads}{causal}{direction}"
+    """Stable across runs: the same variant, implementation and params give the same id; an axis at its
+    default adds nothing, so the ids of older cases survive new axes."""
+    parts = "".join(declared.tag(getattr(p, name), p) for name, declared in AXES.items() if declared.tag)
+    return f"{variant}/{implementation}/{parts}"
 
 
 @dataclass(frozen=True)

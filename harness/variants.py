@@ -117,7 +117,17 @@ class Variant:
     kind: str
 
     def normalize(self, params: Params) -> Params:
-        """The canonical params of a case of this variant; raises InputError when they make no sense."""
+        """The canonical params of a case of this variant; raises InputError when they make no sense.
+
+        An axis the variant does not take (its declaration in harness.shapes says so) is refused here
+        for every variant; what is left is each variant's own rules (`_normalize`).
+        """
+        why = shapes.inapplicable(self.name, params)
+        if why:
+            raise InputError(why)
+        return self._normalize(params)
+
+    def _normalize(self, params: Params) -> Params:
         raise NotImplementedError
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
@@ -154,7 +164,7 @@ class DotProductVariant(Variant):
     cross: bool = False
     kind: str = "dot_product"
 
-    def normalize(self, params: Params) -> Params:
+    def _normalize(self, params: Params) -> Params:
         _positive(params, "batch", "heads", "seq_len", "head_dim")
         if self.single_head and params.heads != 1:
             params = replace(params, heads=1)
@@ -163,10 +173,6 @@ class DotProductVariant(Variant):
             if params.seq_len_kv is None:
                 raise InputError(f"{self.name} needs seq_len_kv (the key/value length, Nkv != Nq)")
             _positive(params, "seq_len_kv")
-        elif params.seq_len_kv is not None:
-            raise InputError(
-                f"seq_len_kv is only for cross_attention and decode; {self.name} attends within one sequence"
-            )
         if self.always_causal and not params.causal:
             params = replace(params, causal=True)
         return params
@@ -239,7 +245,7 @@ class DecodeVariant(DotProductVariant):
     description: str = "generation step: Nq new tokens against a KV cache (bottom-right causal)"
     task: str = "chatbot"
 
-    def normalize(self, params: Params) -> Params:
+    def _normalize(self, params: Params) -> Params:
         _positive(params, "batch", "heads", "seq_len", "head_dim")
         params = self._grouped(params)
         if params.seq_len_kv is None:
@@ -345,7 +351,7 @@ class GateVariant(Variant):
     task: str = "image segmentation"
     kind: str = "gate"
 
-    def normalize(self, params: Params) -> Params:
+    def _normalize(self, params: Params) -> Params:
         _positive(params, "batch", "seq_len", "head_dim")
         side = math.isqrt(params.seq_len)
         if side * side != params.seq_len:
@@ -353,8 +359,6 @@ class GateVariant(Variant):
                 f"attention_gate needs seq_len = pixels of a square image (a perfect square such as "
                 f"{side * side} or {(side + 1) ** 2}), got {params.seq_len}"
             )
-        if params.seq_len_kv is not None:
-            raise InputError("seq_len_kv is only for cross_attention; attention_gate has one image")
         if params.causal:
             raise InputError("causal does not apply to attention_gate")
         if params.kv_heads is not None:

@@ -22,15 +22,16 @@ from harness.compare import (
     compare_runs,
     markdown,
 )
-from harness.results import RunFolder, new_record
+from harness.results import SCHEMA_VERSION, RunFolder, new_record
+from harness.timing import TimingStats
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(samples, status="ok", accurate=True, case="multi_head/x/1", memory=1000, rounds=None) -> dict:
     samples = list(samples)
-    time_s = {"median": float(np.median(samples)) if samples else None, "samples": samples}
-    if rounds is not None:
+    time_s = TimingStats.from_samples(samples, mode="wall").as_record() if samples else None
+    if rounds is not None and time_s is not None:
         time_s["round_medians"] = list(rounds)
     return new_record(
         "s",
@@ -175,6 +176,6 @@ def test_records_written_before_schema_versions_still_compare(tmp_path):
     from harness.results import read_records
 
     (loaded,) = read_records(tmp_path / "old")
-    assert loaded.schema_version == 1 and loaded.status == "ok"
+    assert loaded.schema_version == SCHEMA_VERSION and loaded.status == "ok"  # migrated from version 1
     (c,) = compare_runs(read_records(tmp_path / "old"), read_records(tmp_path / "new"))
     assert c.verdict == SLOWER

@@ -13,6 +13,7 @@ from harness import shapes
 from harness.ceilings import Ceilings, cache_path, ceilings_for, load, save
 from harness.results import new_record
 from harness.roofline import IMPOSSIBLE, attach, roofline
+from tests.helpers import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,13 +44,13 @@ def test_a_fraction_above_the_roofline_is_flagged_as_a_bug():
 
 def test_attach_uses_the_records_dtype_and_skips_what_it_cannot_judge():
     ceilings = Ceilings("m", "cpu", 2, flops={"float32": 1e11}, bandwidth=1e10)
-    timed = new_record(
-        "s", "multi_head", "x", "c", {"dtype": "float32"}, time_s={"median": 0.01}, tflops=0.005, bytes_moved=1e6
+    full = new_record(
+        "s", "multi_head", "x", "c", {"dtype": "float32"}, time_s=timed(0.01), tflops=0.005, bytes_moved=1e6
     )
-    attach(timed, ceilings)
-    assert timed.roofline["bound"] == "compute" and timed.roofline["fraction"] == pytest.approx(0.05)
+    attach(full, ceilings)
+    assert full.roofline["bound"] == "compute" and full.roofline["fraction"] == pytest.approx(0.05)
     half = new_record(
-        "s", "multi_head", "x", "c", {"dtype": "float16"}, time_s={"median": 0.01}, tflops=0.005, bytes_moved=1e6
+        "s", "multi_head", "x", "c", {"dtype": "float16"}, time_s=timed(0.01), tflops=0.005, bytes_moved=1e6
     )
     attach(half, ceilings)  # no float16 ceiling measured: no roofline rather than a wrong one
     failed = new_record("s", "multi_head", "x", "c", {"dtype": "float32"}, status="error")
@@ -133,7 +134,7 @@ def test_the_report_calls_a_tie_within_noise_a_tie():
             name,
             f"multi_head/{name}/x",
             {"seq_len": 8, "dtype": "float32"},
-            time_s={"median": sorted(samples)[len(samples) // 2], "samples": samples},
+            time_s=timed(samples=samples),
             accurate=True,
         )
 

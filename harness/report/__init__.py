@@ -17,21 +17,8 @@ from harness.compare import ratio_with_interval
 from harness.errors import InputError
 from harness.report.plots import FAILED, plot_rooflines, plot_tasks, plottable_groups, write_plots
 from harness.results import latest_records, read_records, to_frame, write_csv
+from harness.shapes import SHAPE_KEYS
 
-SHAPE_KEYS = [
-    "variant",
-    "direction",
-    "batch",
-    "heads",
-    "kv_heads",
-    "seq_len",
-    "seq_len_kv",
-    "head_dim",
-    "dtype",
-    "device",
-    "threads",
-    "causal",
-]
 # The table of every case: what it is (its shape keys), then what was measured.
 TABLE_COLUMNS = [
     "variant",

@@ -23,20 +23,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-GROUP_KEYS = (
-    "variant",
-    "direction",
-    "dtype",
-    "device",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "seq_len",
-    "seq_len_kv",
-    "threads",
-    "causal",
-)
+from harness.results import FAILED as FAILED_STATUSES  # noqa: E402
+from harness.shapes import SHAPE_KEYS, Params  # noqa: E402
+
+# One plot per value of every shape key but the one plotted along (harness.shapes declares them).
+GROUP_KEYS = SHAPE_KEYS
 # Variants whose plots run along another length than seq_len, and are judged in GB/s.
 X_AXIS = {"decode": "seq_len_kv"}
 MEMORY_BOUND = {"decode"}
@@ -46,7 +37,7 @@ def x_axis(variant: str) -> str:
     return X_AXIS.get(variant, "seq_len")
 
 
-FAILED = ("error", "timeout", "oom", "crash")
+FAILED = tuple(sorted(str(s) for s in FAILED_STATUSES))
 _PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
 _FIXED = [
     "naive",
@@ -290,26 +281,11 @@ def plot_tasks(frame: pd.DataFrame) -> list[Figure]:
 
 def _intensity(row: pd.Series) -> float | None:
     """FLOPs per byte moved of a case, from its params (failed cases have no measured figures)."""
-    from harness import shapes
     from harness.variants import VARIANTS
-
-    def optional(key: str) -> object:
-        value = row.get(key)
-        return None if value is None or pd.isna(value) else value
 
     spec = VARIANTS.get(str(row["variant"]))
     try:
-        params = shapes.Params(
-            batch=int(row["batch"]),
-            heads=int(row["heads"]),
-            kv_heads=None if optional("kv_heads") is None else int(row["kv_heads"]),
-            seq_len=int(row["seq_len"]),
-            seq_len_kv=None if optional("seq_len_kv") is None else int(row["seq_len_kv"]),
-            head_dim=int(row["head_dim"]),
-            dtype=str(row["dtype"]),
-            causal=bool(optional("causal") or False),
-            direction=str(optional("direction") or "fwd"),
-        )
+        params = Params.from_values(row)
         return spec.flops(params) / spec.bytes_moved(params) if spec is not None else None
     except (KeyError, TypeError, ValueError):
         return None

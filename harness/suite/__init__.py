@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from harness.registry import name_matches
 from harness.shapes import PARAM_AXES, Case, Params, case_id
-from harness.suite.expand import check_only, expand, name_matches, points, quick_version
+from harness.suite.expand import check_only, expand, quick_version
 from harness.suite.loader import MAX_CASES, load_suite, parse_suite, parse_text
 from harness.suite.schema import ExcludeRule, Limits, Range, Suite, Sweep, Timing
 
@@ -27,6 +28,5 @@ __all__ = [
     "name_matches",
     "parse_suite",
     "parse_text",
-    "points",
     "quick_version",
 ]

@@ -4,45 +4,14 @@ applied, and implementation names matched as shell-style patterns (`sdpa.*`, `co
 
 from __future__ import annotations
 
-import fnmatch
-import itertools
 from collections.abc import Iterable
 from dataclasses import replace
 
-from harness.errors import InputError, did_you_mean
-from harness.shapes import PARAM_AXES, Case, Params
-from harness.suite.schema import QuickOverrides, Suite, Sweep
-
-WILDCARDS = "*?["
-
-
-def points(sweep: Sweep) -> Iterable[Params]:
-    axes = [getattr(sweep, axis) for axis in PARAM_AXES]
-    for values in itertools.product(*axes):
-        yield Params(**dict(zip(PARAM_AXES, values, strict=True)))
-
-
-def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """Whether `name` is one of `patterns` or matches one of them as a wildcard (timm's listing)."""
-    return any(name == p or (any(c in p for c in WILDCARDS) and fnmatch.fnmatchcase(name, p)) for p in patterns)
-
-
-def _known_names(variant: str, names: dict[str, list[str]] | None) -> list[str]:
-    from harness import registry
-
-    return names.get(variant, []) if names is not None else registry.names(variant)
-
-
-def unknown_pattern(pattern: str, variants: Iterable[str], names: dict[str, list[str]] | None = None) -> str:
-    """'' when `pattern` names (or matches) an implementation of one of `variants`; else why not."""
-    known = sorted({n for v in variants for n in _known_names(v, names)})
-    if any(name_matches(n, [pattern]) for n in known):
-        return ""
-    what = "pattern" if any(c in pattern for c in WILDCARDS) else "implementation"
-    return (
-        f"unknown {what} {pattern!r}: no implementation matches it.{did_you_mean(pattern, known)} "
-        f"Allowed: {', '.join(known)}"
-    )
+from harness.errors import InputError
+from harness.registry import known_names, name_matches, unknown_pattern
+from harness.shapes import Case, Params
+from harness.suite.loader import parse_suite
+from harness.suite.schema import QuickOverrides, Suite
 
 
 def check_only(suite: Suite, only: Iterable[str]) -> None:
@@ -58,8 +27,6 @@ def check_only(suite: Suite, only: Iterable[str]) -> None:
 
 def quick_version(suite: Suite) -> Suite:
     """The suite as `--quick` runs it: few sizes and short timing."""
-    from harness.suite.loader import parse_suite
-
     overrides = suite.quick or QuickOverrides()
     sweeps = []
     for sweep in suite.sweeps:
@@ -83,7 +50,7 @@ def chosen(
 ) -> list[str]:
     """The suite's implementations of `variant` that exist, narrowed by --only (names or patterns)."""
     only = list(only)
-    known = _known_names(variant, names)
+    known = known_names(variant, names)
     picked = known if suite.implementations == "all" else [n for n in known if name_matches(n, suite.implementations)]
     if suite.implementations != "all":
         # An explicit list keeps its order (a pattern expands in place, in name order).
@@ -104,7 +71,7 @@ def expand(suite: Suite, only: Iterable[str] | None = None, names: dict[str, lis
     only = list(only or [])
     cases: dict[str, Case] = {}
     for sweep in suite.sweeps:
-        for point in points(sweep):
+        for point in sweep.points():
             for variant in suite.variants_of(sweep):
                 params = VARIANTS[variant].normalize(point)
                 for name in chosen(suite, variant, only, names):

@@ -182,7 +182,7 @@ def _check_names(
 ) -> None:
     """Sweep sizes, implementation names or patterns (against `names`, default this process's
     registry) and each sweep point against each variant's rules."""
-    from harness.suite.expand import points, unknown_pattern
+    from harness.registry import unknown_pattern
     from harness.tasks import variant_of
     from harness.variants import VARIANTS
 
@@ -204,7 +204,7 @@ def _check_names(
                 )
     for s_index, sweep in enumerate(suite.sweeps):
         for variant in suite.variants_of(sweep):
-            for point in points(sweep):
+            for point in sweep.points():
                 try:
                     VARIANTS[variant].normalize(point)
                 except InputError as exc:

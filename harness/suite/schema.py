@@ -6,20 +6,18 @@ carries it, and its defaults are written here only.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from harness.errors import did_you_mean
-from harness.shapes import PARAM_AXES, Params
+from harness.shapes import AXES, DEFAULTS, PARAM_AXES, Axis, Params
 
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
-
-Positive = Annotated[int, Field(strict=True, gt=0, le=1 << 24)]
-DType = Literal["float32", "bfloat16", "float16", "float64"]
 Measure = Literal["time", "memory", "accuracy"]
 
 
@@ -27,36 +25,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Sweep(_Strict):
+def _value_type(declared: Axis) -> Any:
+    """The pydantic type of one value of an axis, from its declaration."""
+    if declared.kind is bool:
+        value: Any = Annotated[bool, Field(strict=True)]
+    elif declared.kind is int:
+        value = Annotated[int, Field(strict=True, gt=declared.gt, le=declared.le)]
+    elif declared.choices:
+        value = Literal[declared.choices]  # type: ignore[valid-type]
+    else:
+        value = str
+    if declared.pattern:
+        value = Annotated[value, AfterValidator(functools.partial(_match, declared))]
+    return value | None if declared.optional else value
+
+
+def _match(declared: Axis, value: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(declared.pattern, value):
+        raise ValueError(f"unknown value {value!r}; allowed: {declared.allowed or declared.pattern}")
+    return value
+
+
+class _SweepBase(_Strict):
     """Axes of a sweep; every axis is a non-empty list and the cases are their product.
 
     `variants` narrows a sweep to some of the suite's variants (cross_attention's seq_len_kv, say,
-    means nothing to the others); without it a sweep applies to all of them.
+    means nothing to the others); without it a sweep applies to all of them. The axes are the fields
+    of `Params` (harness.shapes), each with its declared type and bounds.
     """
 
     variants: list[str] | None = Field(default=None, min_length=1)
-    batch: list[Positive] = Field(default=[1], min_length=1)
-    heads: list[Positive] = Field(default=[1], min_length=1)
-    kv_heads: list[Positive | None] = Field(default=[None], min_length=1)
-    seq_len: list[Positive] = Field(min_length=1)
-    seq_len_kv: list[Positive | None] = Field(default=[None], min_length=1)
-    head_dim: list[Positive] = Field(default=[64], min_length=1)
-    dtype: list[DType] = Field(default=["float32"], min_length=1)
-    device: list[str] = Field(default=["cpu"], min_length=1)
-    threads: list[Annotated[int, Field(strict=True, gt=0, le=1024)] | None] = Field(default=[None], min_length=1)
-    causal: list[Annotated[bool, Field(strict=True)]] = Field(default=[False], min_length=1)
-    direction: list[Literal["fwd", "bwd", "fwd_bwd"]] = Field(default=["fwd"], min_length=1)
-
-    @field_validator("device")
-    @classmethod
-    def _known_devices(cls, devices: list[str]) -> list[str]:
-        for device in devices:
-            if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
-                raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda, cuda:N, mps")
-        return devices
 
     def size(self) -> int:
         return math.prod(len(getattr(self, axis)) for axis in PARAM_AXES)
+
+    def points(self) -> Iterator[Params]:
+        """The sweep's product, in the axes' declared order."""
+        for values in itertools.product(*(getattr(self, axis) for axis in PARAM_AXES)):
+            yield Params(**dict(zip(PARAM_AXES, values, strict=True)))
+
+
+def _sweep_field(name: str, declared: Axis) -> tuple[Any, Any]:
+    if declared.required:
+        return list[_value_type(declared)], Field(min_length=1, description=declared.doc)
+    return list[_value_type(declared)], Field(default=[DEFAULTS[name]], min_length=1, description=declared.doc)
+
+
+Sweep = create_model(
+    "Sweep", __base__=_SweepBase, **{name: _sweep_field(name, declared) for name, declared in AXES.items()}
+)
 
 
 class Timing(_Strict):
@@ -113,26 +130,24 @@ Scalar = str | int | float | bool | None
 Condition = Range | list[Scalar] | Scalar
 
 
-class ExcludeRule(_Strict):
+def _condition_type(declared: Axis) -> Any:
+    """What an exclude rule may say of an axis: a value, a list of values, or (numbers) a range."""
+    if declared.kind is bool:
+        return bool | None
+    if declared.kind is str:
+        return list[str] | str | None
+    return Condition
+
+
+class _ExcludeBase(_Strict):
     """Cases matching every given key are skipped (and recorded as skipped, with the reason)."""
 
     variant: list[str] | str | None = None
     implementation: list[str] | str | None = None
-    batch: Condition = None
-    heads: Condition = None
-    kv_heads: Condition = None
-    seq_len: Condition = None
-    seq_len_kv: Condition = None
-    head_dim: Condition = None
-    dtype: list[str] | str | None = None
-    device: list[str] | str | None = None
-    threads: Condition = None
-    causal: bool | None = None
-    direction: list[str] | str | None = None
     reason: str = ""
 
     def matches(self, variant: str, implementation: str, params: Params) -> bool:
-        from harness.suite.expand import name_matches
+        from harness.registry import name_matches
 
         values = params.as_dict() | {"variant": variant, "implementation": implementation}
         # A sweep's `kv_heads: 32` with 32 heads normalises to None (plain multi-head); a rule means the count.
@@ -160,6 +175,13 @@ class ExcludeRule(_Strict):
             return self.reason
         parts = [f"{k}={v}" for k, v in self.model_dump(exclude_none=True, exclude={"reason"}).items()]
         return "excluded by the suite: " + ", ".join(parts)
+
+
+ExcludeRule = create_model(
+    "ExcludeRule",
+    __base__=_ExcludeBase,
+    **{name: (_condition_type(declared), None) for name, declared in AXES.items()},
+)
 
 
 class QuickOverrides(_Strict):
