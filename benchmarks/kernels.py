@@ -6,7 +6,7 @@ Forward (`time_forward`, `peakmem_forward`, `track_tflops`, `track_max_abs_err`)
 
 One plain class per variant of the CI suite (asv's own discovery); its parameters are the
 implementations registered for that variant and the suite's sequence lengths, so the asv pages show
-them as axes. Cases are prepared by harness.measure.prepare, as the harness's worker prepares them.
+them as axes. Cases are prepared by harness.prepare.prepare, as the harness's worker prepares them.
 An implementation that cannot run here is skipped the asv way (NotImplementedError in setup).
 """
 
@@ -19,7 +19,8 @@ import torch
 
 from harness import registry, timing
 from harness.accuracy import baseline
-from harness.measure import Prepared, prepare
+from harness.prepare import Prepared, prepare
+from harness.shapes import Case
 from harness.suite import load_suite
 from harness.suite.expand import chosen
 from harness.variants import VARIANTS, Params
@@ -50,7 +51,7 @@ class _Forward:
         if not ok:
             raise NotImplementedError(why)
         torch.set_num_threads(params.threads or torch.get_num_threads())
-        self.case: Prepared = prepare(self.variant, implementation, params, seed=SUITE.seed)
+        self.case: Prepared = prepare(Case(SUITE.name, self.variant, implementation, params), seed=SUITE.seed)
         # The harness never times a first call (compilation for flex/compiled.*, lazy set-up for
         # the rest); asv's quick mode times a single call, so it must not be the first either.
         self._call()
@@ -92,7 +93,7 @@ class _Backward:
         if not ok:
             raise NotImplementedError(why)
         torch.set_num_threads(params.threads or torch.get_num_threads())
-        self.case: Prepared = prepare(self.variant, implementation, params, seed=SUITE.seed)
+        self.case: Prepared = prepare(Case(SUITE.name, self.variant, implementation, params), seed=SUITE.seed)
         with torch.enable_grad():
             self.backward = self.case.step()  # the untimed forward whose graph every call reuses
             self.backward()  # the first backward (lazy set-up, compilation) is not timed either

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.results import RESULTS_ROOT, cpu_name
+from harness.cache import ceilings_dir
+from harness.machine import cpu_name
 
-CEILINGS_DIR = RESULTS_ROOT / "ceilings"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,9 +56,9 @@ def machine_name(device: str) -> str:
     return cpu_name()
 
 
-def cache_path(device: str, threads: int | None, root: Path = CEILINGS_DIR) -> Path:
+def cache_path(device: str, threads: int | None, root: Path | None = None) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_name(device)).strip("-").lower()
-    return Path(root) / f"{slug}-{device.replace(':', '')}-t{threads or 'default'}.json"
+    return Path(root or ceilings_dir()) / f"{slug}-{device.replace(':', '')}-t{threads or 'default'}.json"
 
 
 def _time(fn, device: str) -> float:
@@ -124,7 +124,7 @@ def load(path: Path) -> Ceilings | None:
 
 
 def ceilings_for(
-    device: str, threads: int | None, root: Path = CEILINGS_DIR, refresh: bool = False
+    device: str, threads: int | None, root: Path | None = None, refresh: bool = False
 ) -> tuple[Ceilings, Path]:
     """The cached ceilings of this machine's `device` at `threads`, measured first when there are none."""
     path = cache_path(device, threads, root)

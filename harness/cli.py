@@ -1,4 +1,7 @@
-"""`python -m harness VERB ...`: the verbs of DESIGN.md's CLI section.
+"""Benchmark attention implementations: time, peak memory and accuracy per implementation, device and shape.
+
+`python -m harness VERB ...` with VERB one of list, run, report, compare, gate, profile, ceilings
+(`python -m harness VERB --help` for each; docs/architecture.md for how they fit together).
 
 Exit codes: 0 success; 1 a regression, or --strict saw a failed or inaccurate case; 2 bad input.
 Bad input never shows a traceback: every InputError becomes one message on stderr and exit 2.
@@ -7,7 +10,6 @@ Bad input never shows a traceback: every InputError becomes one message on stder
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -252,13 +254,11 @@ def cmd_ceilings(args: argparse.Namespace) -> int:
     )
     console.print(table)
     console.print(f"saved: {path} (runs use it for every case on this device and thread count)", highlight=False)
-    if args.device == "cpu":
-        # memory_efficient's CPU tiles are tuned beside the ceilings: measured here, on this machine.
-        from implementations.memory_efficient import TILES_ENV, retune
+    from harness import registry
 
-        tiles, tiles_file = retune(args.threads)
-        where = f"fixed by {TILES_ENV}" if os.environ.get(TILES_ENV) else f"saved: {tiles_file}"
-        console.print(f"memory_efficient tiles: {tiles[0]}x{tiles[1]} (query rows x keys), {where}", highlight=False)
+    # What implementations tune per machine is measured again with the ceilings, here, on this machine.
+    for name, tune in registry.tuners(args.device).items():
+        console.print(f"{name}: {tune(args.threads)}", highlight=False)
     return 0
 
 

@@ -33,8 +33,14 @@ def did_you_mean(name: str, known: Iterable[str], inline: bool = False) -> str:
     return f" (did you mean {hint!r}?)" if inline else f" Did you mean {hint!r}?"
 
 
-def first_line(exc: BaseException, limit: int) -> str:
+def first_line(exc: BaseException, limit: int, last: bool = False) -> str:
     """An exception's first message line, at most `limit` characters ('' when it has no message):
-    what a record, an availability reason or a check's row quotes of a kernel's or package's words."""
+    what a record, an availability reason or a check's row quotes of a kernel's or package's words.
+    `last`: its last line instead, for an error that carries a remote traceback (a submitit job's)."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else ""
+    return lines[-1 if last else 0][:limit] if lines else ""
+
+
+def describe(exc: BaseException, limit: int = 300, last: bool = False) -> str:
+    """'TypeName: message line': how a record or a lost case quotes an exception (see first_line)."""
+    return f"{type(exc).__name__}: {first_line(exc, limit, last)}"

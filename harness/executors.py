@@ -25,11 +25,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import InputError
-from harness.measure import measure_cases, records_of
-from harness.results import JSONL, Outcome, Record, RunFolder, Status, as_record, case_key, parse_records, read_records
+from harness.errors import InputError, describe
+from harness.machine import skip_reason
+from harness.messages import CaseRequest, NamesRequest, TaskRequest
+from harness.results import (
+    JSONL,
+    Outcome,
+    Record,
+    RunFolder,
+    Status,
+    as_record,
+    case_key,
+    new_record,
+    parse_records,
+    read_records,
+)
 from harness.shapes import Case
-from harness.suite.schema import Suite
+from harness.suite.schema import Limits, Suite
+from harness.worker import Worker
 
 Emit = Callable[[Case, list[Record]], None]
 
@@ -189,6 +202,95 @@ def _executor(out: Path, options: dict[str, Any], cases: list[Case], shards: lis
     return executor
 
 
+# ----------------------------------------------------------------------------- here, in worker processes
+
+
+def request_for(case: Case, suite: Suite) -> CaseRequest | TaskRequest:
+    if case.task:
+        return TaskRequest(
+            task=case.task,
+            variant=case.variant,
+            implementation=case.implementation,
+            threads=suite.sweeps[0].threads[0] if suite.sweeps else None,
+        )
+    return CaseRequest(
+        variant=case.variant,
+        implementation=case.implementation,
+        params=case.params.as_dict(),
+        measure=list(suite.measure),
+        timing=suite.timing,
+        seed=suite.seed,
+    )
+
+
+def records_of(suite: str, case: Case, outcome: Outcome) -> list[Record]:
+    """The records of one case: one, or for a task one per metric (harness.results.Record's task keys)."""
+    fields = outcome.fields
+    if not case.task:
+        return [new_record(suite, case.variant, case.implementation, case.case_id, case.params.as_dict(), **fields)]
+    metrics = fields.pop("task_metrics", None)
+    common = {"task": case.task, "task_case": case.case_id}
+    if not metrics:
+        return [new_record(suite, case.variant, case.implementation, case.case_id, {}, **common, **fields)]
+    return [
+        new_record(
+            suite, case.variant, case.implementation, f"{case.case_id}/{m['metric']}", {}, **common, **fields, **m
+        )
+        for m in metrics
+    ]
+
+
+def new_worker(tree: str | Path | None = None, allocator: str = "fixed") -> Worker:
+    """A worker process (started on first use) that measures with harness.case_runner's handler."""
+    from harness.case_runner import handle, held_bytes, start_worker
+
+    return Worker(handle, start_worker, tree=tree, held=held_bytes, allocator=allocator)
+
+
+def worker_names(worker: Any) -> dict[str, list[str]]:
+    """The implementations registered in a worker's source tree, per variant."""
+    from harness.errors import InputError
+
+    reply = worker.run(NamesRequest(), timeout_s=120, memory_limit=None)
+    if isinstance(reply, Outcome):
+        raise InputError(f"cannot list implementations in {worker.tree or 'this tree'}: {reply.reason}")
+    return reply
+
+
+def measure_one(worker: Any, case: Case, request: CaseRequest | TaskRequest, limits: Limits) -> Outcome:
+    """One case's outcome: a skip decided here, or the worker's reply (a failure of the worker included)."""
+    why = skip_reason(case)
+    if why:
+        return Outcome.failure(Status.skipped, why)
+    return worker.run(request, limits.timeout_s, limits.memory_bytes)
+
+
+def measure_cases(
+    suite: Suite,
+    cases: list[Case],
+    emit: Callable[[Case, list[Record]], None],
+    on_start: Callable[[Case], None] | None = None,
+) -> int:
+    """Measure `cases` one after another in a worker process, handing each case's records to `emit`.
+
+    Returns how many worker processes it started (1 unless a case crashed, hung or leaked).
+    """
+    worker = new_worker(allocator=suite.timing.allocator)
+    interrupted = False
+    try:
+        for case in cases:
+            if on_start is not None:
+                on_start(case)
+            outcome = measure_one(worker, case, request_for(case, suite), suite.limits)
+            emit(case, records_of(suite.name, case, outcome))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        worker.stop(kill=interrupted)
+    return worker.starts
+
+
 class LocalExecutor:
     """Here, one case at a time, in the harness's worker processes."""
 
@@ -237,11 +339,6 @@ class _Ledger:
             case = self.by_id[case_id]
             self.left.discard(case_id)
             self.emit(case, records_of(self.suite.name, case, Outcome.failure(Status.crash, reason)))
-
-
-def _failure(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 class SubmititExecutor(_Distributed):
@@ -313,7 +410,7 @@ def _run_submitit(suite: Suite, shards: list[list[Case]], out: Path, options: di
                         job.result()
                         why = "the job ended without measuring it"
                     except Exception as exc:
-                        why = _failure(exc)
+                        why = describe(exc, last=True)
                     ledger.lost(owed, f"submitit job {job.job_id} ended before this case: {why}")
             if pending:
                 time.sleep(POLL_S)
@@ -355,7 +452,9 @@ def _run_ray(suite: Suite, shards: list[list[Case]], options: dict[str, Any], le
                 runtime_env={"env_vars": env} if env else None,
             )
         except Exception as exc:
-            raise InputError(f"--executor ray: cannot start or reach a Ray cluster: {_failure(exc)}") from None
+            raise InputError(
+                f"--executor ray: cannot start or reach a Ray cluster: {describe(exc, last=True)}"
+            ) from None
     try:
         have = ray.cluster_resources()
         for name, want in (("CPU", num_cpus), ("GPU", num_gpus)):
@@ -385,7 +484,7 @@ def _run_ray(suite: Suite, shards: list[list[Case]], options: dict[str, Any], le
                         for records in ray.get(ref):  # anything the queue did not deliver
                             ledger.record(records)
                     except Exception as exc:
-                        ledger.lost(owed, f"Ray task ended before this case: {_failure(exc)}")
+                        ledger.lost(owed, f"Ray task ended before this case: {describe(exc, last=True)}")
                     ledger.lost(owed, "the Ray task ended without measuring it")
         except KeyboardInterrupt:
             for ref in pending:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,21 +22,16 @@ from typing import Any
 
 from harness.compare import Comparison, compare_runs, markdown
 from harness.errors import InputError
-from harness.measure import CaseRequest, measure_one, new_worker, request_for, worker_names
-from harness.results import RESULTS_ROOT, Outcome, Record, RunFolder, Status, environment, new_record
+from harness.executors import measure_one, new_worker, request_for, worker_names
+from harness.machine import environment, git
+from harness.messages import CaseRequest
+from harness.results import RESULTS_ROOT, Outcome, Record, RunFolder, Status, new_record
 from harness.shapes import Case
 from harness.suite import Suite, expand, load_suite
 from harness.suite.schema import Timing
 
 SIDES = ("base", "head")
 MIN_ROUNDS = 6
-
-
-def _git(repo: str, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise InputError(f"git {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout.strip()
 
 
 def round_timing(timing: Timing, rounds: int) -> Timing:
@@ -96,13 +90,13 @@ def worktrees(root: str, shas: dict[str, str | None]) -> Iterator[dict[str, str]
             if sha is None:
                 trees[side] = root
             else:
-                _git(root, "worktree", "add", "--detach", str(scratch / side), sha)
+                git("worktree", "add", "--detach", str(scratch / side), sha, repo=root)
                 trees[side] = str(scratch / side)
         yield trees
     finally:
         for side in shas:
             if (scratch / side).exists():
-                _git(root, "worktree", "remove", "--force", str(scratch / side))
+                git("worktree", "remove", "--force", str(scratch / side), repo=root)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -150,10 +144,10 @@ def gate(
     """Measure `base_ref` and `head_ref` (default: the working tree) interleaved, then compare."""
     if rounds < MIN_ROUNDS:
         raise InputError(f"--rounds must be at least {MIN_ROUNDS} for a 95% paired interval, got {rounds}")
-    root = _git(repo, "rev-parse", "--show-toplevel")
+    root = git("rev-parse", "--show-toplevel", repo=repo)
     shas = {
-        "base": _git(root, "rev-parse", "--verify", f"{base_ref}^{{commit}}"),
-        "head": _git(root, "rev-parse", "--verify", f"{head_ref}^{{commit}}") if head_ref else None,
+        "base": git("rev-parse", "--verify", f"{base_ref}^{{commit}}", repo=root),
+        "head": git("rev-parse", "--verify", f"{head_ref}^{{commit}}", repo=root) if head_ref else None,
     }
     with worktrees(root, shas) as trees:
         workers = {side: new_worker(tree) for side, tree in trees.items()}
@@ -166,7 +160,7 @@ def gate(
             cases = expand(suite, names=names)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             out = Path(out_dir) if out_dir else RESULTS_ROOT / f"gate-{suite.name}-{stamp}"
-            commits = {side: sha or _git(root, "rev-parse", "HEAD") for side, sha in shas.items()}
+            commits = {side: sha or git("rev-parse", "HEAD", repo=root) for side, sha in shas.items()}
             records = _measure_sides(suite, cases, _Sides(suite, workers, rounds), out, commits, trees, progress)
         finally:
             for worker in workers.values():
@@ -192,7 +186,7 @@ def _measure_sides(
         for side, folder in folders.items():
             folder.write_json(
                 "env.json",
-                environment()
+                environment(suite.timing.allocator)
                 | {"suite": suite.name, "gate_side": side, "git_commit": commits[side], "source_tree": trees[side]},
             )
         if progress is not None:

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
 from harness import registry
 from harness.errors import InputError, did_you_mean
-from harness.measure import prepare_case
+from harness.prepare import prepare
 from harness.results import RESULTS_ROOT
 from harness.shapes import Case
 from harness.suite import expand, load_suite
@@ -60,7 +60,7 @@ def profile_case(case: Case, out_dir: Path, calls: int = 3, seed: int = 0) -> di
         return {"case_id": case.case_id, "status": "skipped", "reason": why}
     if case.params.threads:
         torch.set_num_threads(case.params.threads)
-    prepared = prepare_case(case, seed=seed)
+    prepared = prepare(case, seed=seed)
     activities = [ProfilerActivity.CPU]
     if case.params.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)

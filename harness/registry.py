@@ -323,6 +323,24 @@ def needs_cuda(device: str | None = None, **_: object) -> tuple[bool, str]:
     return True, ""
 
 
+# ----------------------------------------------------------------------------- per-machine tuning
+
+Tuner = Callable[[int | None], str]
+_TUNERS: dict[tuple[str, str], Tuner] = {}
+
+
+def register_tuner(name: str, device: str, tune: Tuner) -> None:
+    """A per-machine tuning of implementation `name` on `device` (cpu or cuda), run again by
+    `python -m harness ceilings`: tune(threads) re-measures, caches and says what it chose."""
+    _TUNERS[(name, device)] = tune
+
+
+def tuners(device: str) -> dict[str, Tuner]:
+    load()
+    kind = "cuda" if device.startswith("cuda") else device
+    return {name: tune for (name, on), tune in sorted(_TUNERS.items()) if on == kind}
+
+
 # ----------------------------------------------------------------------------- names and patterns
 
 WILDCARDS = "*?["

@@ -10,9 +10,7 @@ import fcntl
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
@@ -44,9 +42,9 @@ RECORD_KEYS = (
 SCHEMA_VERSION = 3
 JSONL = "results.jsonl"
 MIN_FREE_BYTES = 16 << 20
-# Where runs, gates, profiles and the task cache go unless told otherwise (relative to the cwd).
+# Where runs, gates and profiles go unless told otherwise (relative to the cwd: a run's results are the
+# user's, beside their work; what the harness learns about the machine goes to harness.cache).
 RESULTS_ROOT = Path("results")
-TASK_CACHE = RESULTS_ROOT / "task-cache"
 
 
 class Status(str, Enum):
@@ -147,7 +145,7 @@ class TaskMetric(_Stored):
 
 
 class Measured(_Stored):
-    """What measuring a case produced: the keys a worker fills (DESIGN's record keys, less the case's identity)."""
+    """What measuring a case produced: the keys a worker fills (the record keys, less the case's identity)."""
 
     status: Status = Status.ok
     reason: str = ""
@@ -443,50 +441,3 @@ def _column(name: str) -> str:
 
 def write_csv(records: list[Record], path: str | Path) -> None:
     to_frame(records).to_csv(path, index=False)
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    """What the numbers of a run depend on: versions, devices, threads, commit."""
-    import torch
-
-    import harness
-    from harness.gpu import gpu_state
-
-    env = {
-        "harness_version": harness.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
-        "gpu_state": gpu_state(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-    }
-    return env

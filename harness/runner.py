@@ -16,7 +16,7 @@ from typing import Any
 from harness.ceilings import Ceilings, cache_path, ceilings_for
 from harness.errors import InputError
 from harness.executors import make_executor, merge_shards
-from harness.measure import skip_reason
+from harness.machine import environment, skip_reason
 from harness.results import (
     JSONL,
     RESULTS_ROOT,
@@ -24,7 +24,6 @@ from harness.results import (
     RunFolder,
     Status,
     case_key,
-    environment,
     read_records,
     write_csv,
 )
@@ -111,7 +110,7 @@ def run_suite(
         todo = [c for c in cases if c.case_id not in done]
         ceilings, used = _ceilings(suite, todo, progress)
         if resume is None or not (out / "env.json").exists():
-            env = environment() | {
+            env = environment(suite.timing.allocator) | {
                 "suite": suite.name,
                 "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "pid": os.getpid(),

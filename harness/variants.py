@@ -1,6 +1,6 @@
 """The attention variants: how to build their inputs and compute them exactly (their FLOPs: harness.shapes).
 
-Each variant comes from one application in the article (see the table in DESIGN.md). The float64
+Each variant comes from one application in the article (see the table in README.md, "What is measured"). The float64
 reference is the ground truth every implementation is measured against; it is computed in query-row
 chunks so that it fits in memory at long sequence lengths.
 

@@ -23,19 +23,37 @@ from harness.results import Outcome, Status
 
 POLL_S = 0.05
 STARTUP_TIMEOUT_S = 180.0
-# A worker whose malloc'd memory grew this much is replaced before the next case, so that a kernel
-# that leaks cannot make the cases after it fail or measure differently. Growth is counted from the
-# end of the worker's first case, not from its start: the CUDA context, cuBLAS/cuDNN handles and
-# compiled-kernel caches are one-time host allocations of 0.5-0.8 GiB (measured on an H100), and
-# counting them replaced the worker after nearly every CUDA case. A kernel that leaks on every call
-# is caught within its own case (harness.measure compares its calls with its first call).
+# A worker whose malloc'd memory grew this much through one implementation is replaced before the next
+# case, so that a kernel that leaks cannot make the cases after it fail or measure differently. Growth
+# is judged per implementation: what an implementation's first case in a worker adds is its one-time
+# set-up (a CUDA context, cuBLAS/cuDNN handles, a library's workspace, compiled kernels: 0.5-0.8 GiB
+# of host memory on an H100), whichever case of the worker that is; what its later cases add is a
+# leak. A kernel that leaks on every call is caught within its own case (harness.case_runner compares
+# its calls with its first call). The harness's own inputs and references are not counted (`held`).
 LEAK_LIMIT_BYTES = 512 << 20
 
 # glibc adapts its mmap threshold to the sizes a process has freed, so two processes running the
 # same kernel can end in different regimes: one reusing heap pages, the other page-faulting fresh
 # mmaps on every call (measured here: sdpa.math at N=1024, 12 ms in one worker, 23 ms in its twin).
-# Fixing the thresholds puts every worker in the same regime; a user's own settings win.
+# Fixing the thresholds puts every worker in the same regime; a user's own settings win. That regime is
+# not a user's process's, and it moves rankings by 10-25% on some shapes (README, "Allocator"), so a
+# suite may choose `timing: {allocator: default}`: glibc as a plain process has it.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+ALLOCATORS = ("fixed", "default")
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    """The variables a worker starts with for `allocator` that this process does not already set."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; allowed: {', '.join(ALLOCATORS)}")
+    return {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ} if allocator == "fixed" else {}
+
+
+def allocator_settings(allocator: str = "fixed") -> dict[str, Any]:
+    """What env.json says of the workers' allocator: the regime and the glibc variables in force there."""
+    inherited = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+    return {"regime": allocator, "glibc_env": inherited | allocator_env(allocator)}
+
 
 Handler = Callable[[Any], Any]
 
@@ -61,22 +79,36 @@ def _signal_name(exitcode: int | None) -> str:
 class Worker:
     """One spawned worker process running `handler` on each request; replaced when a case kills it."""
 
-    def __init__(self, handler: Handler, on_start: Callable[[], None] | None = None, tree: str | Path | None = None):
-        self.handler, self.on_start = handler, on_start
+    def __init__(
+        self,
+        handler: Handler,
+        on_start: Callable[[], None] | None = None,
+        tree: str | Path | None = None,
+        held: Callable[[], int] | None = None,
+        allocator: str = "fixed",
+    ):
+        """`held` (run in the worker) says how many of its bytes are the harness's own (inputs, references),
+        so that they are not counted as a kernel's growth."""
+        self.handler, self.on_start, self.held = handler, on_start, held
         self.tree = None if tree is None else str(Path(tree).resolve())
+        self.allocator = allocator
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
-        self._baseline_rss = 0  # malloc'd bytes after the first case of this process (0: none yet)
+        self._last_rss = 0  # the worker's malloc'd bytes (less `held`) after its last reply
+        self._growth: dict[str, int] = {}  # per implementation: what its cases after its first one added
         self.starts = 0  # processes started over this worker's life (a replaced worker counts again)
 
     def _start(self) -> Outcome | None:
         """Start a worker and wait until it is ready; a worker that dies on the way is an outcome."""
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(
-            target=serve, args=(child, self.handler, self.on_start, self.tree), daemon=True, name="harness-worker"
+            target=serve,
+            args=(child, self.handler, self.on_start, self.tree, self.held),
+            daemon=True,
+            name="harness-worker",
         )
-        added = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+        added = allocator_env(self.allocator)
         os.environ.update(added)  # the spawned interpreter inherits the environment at start
         try:
             self._proc.start()
@@ -88,7 +120,8 @@ class Worker:
         self._conn = parent
         if parent.poll(STARTUP_TIMEOUT_S):
             try:
-                parent.recv()  # the ready handshake
+                ready = parent.recv()  # the ready handshake, with the worker's memory after its start
+                self._last_rss = int(ready.get("rss", 0))
                 return None
             except (EOFError, OSError):
                 pass
@@ -111,22 +144,29 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
-        self._baseline_rss = 0
+        self._last_rss = 0
+        self._growth = {}
 
-    def _check_leak(self, reply: Any, rss: int) -> Any:
-        if isinstance(reply, Outcome) and reply.fields.get("leak_note"):
+    def _check_leak(self, request: Any, reply: Any, rss: int) -> Any:
+        """Attribute what this case added to its implementation: set-up on its first case in this worker,
+        a leak once its later cases have added more than LEAK_LIMIT_BYTES."""
+        if isinstance(reply, Outcome) and reply.leak_note:
             self.stop()  # the case itself saw its calls leak
             return reply
-        if not self._baseline_rss:
-            self._baseline_rss = rss  # devices and libraries are initialised by now
+        grown, self._last_rss = rss - self._last_rss, rss
+        name = getattr(request, "implementation", None)
+        if name is None or not rss:
             return reply
-        if rss and rss - self._baseline_rss > LEAK_LIMIT_BYTES:
-            grown = (rss - self._baseline_rss) / 2**20
-            self.stop()
+        if name not in self._growth:
+            self._growth[name] = 0  # its first case here: one-time set-up, whichever case of the worker it is
+            return reply
+        self._growth[name] += grown
+        if self._growth[name] > LEAK_LIMIT_BYTES:
             note = (
-                f"the worker held {grown:.0f} MiB more (malloc in use) after this case than after its first "
-                "case; worker replaced"
+                f"the worker held {self._growth[name] / 2**20:.0f} MiB more (malloc in use) after the later cases "
+                f"of {name} than after its first one in this worker; worker replaced"
             )
+            self.stop()
             if isinstance(reply, Outcome):
                 reply = reply.model_copy(update={"leak_note": note})
         return reply
@@ -146,7 +186,7 @@ class Worker:
                 except (EOFError, OSError):
                     pass  # the worker died while sending; fall through to the liveness check
                 else:
-                    return self._check_leak(reply, rss)
+                    return self._check_leak(request, reply, rss)
             if not self._proc.is_alive():
                 code = self._proc.exitcode
                 self.stop(kill=True)
@@ -203,8 +243,14 @@ def settled_rss() -> int:
         return 0
 
 
-def serve(conn: Any, handler: Handler, on_start: Callable[[], None] | None = None, tree: str | None = None) -> None:
-    """Worker main loop: receive a request, send back (reply, malloc'd bytes); None stops the worker.
+def serve(
+    conn: Any,
+    handler: Handler,
+    on_start: Callable[[], None] | None = None,
+    tree: str | None = None,
+    held: Callable[[], int] | None = None,
+) -> None:
+    """Worker main loop: receive a request, send back (reply, malloc'd bytes less `held()`); None stops it.
 
     `tree` is a source tree (e.g. a git worktree of another commit) whose `implementations`
     package this worker measures, with the parent's harness: the method of measuring stays the
@@ -216,7 +262,11 @@ def serve(conn: Any, handler: Handler, on_start: Callable[[], None] | None = Non
             del sys.modules[name]
     if on_start is not None:
         on_start()
-    conn.send({"ready": True})
+
+    def rss() -> int:
+        return settled_rss() - (held() if held is not None else 0)
+
+    conn.send({"ready": True, "rss": rss()})
     while True:
         try:
             request = conn.recv()
@@ -225,4 +275,4 @@ def serve(conn: Any, handler: Handler, on_start: Callable[[], None] | None = Non
         if request is None:
             return
         reply = handler(request)
-        conn.send((reply, settled_rss()))
+        conn.send((reply, rss()))

@@ -22,7 +22,7 @@ def _chunk(q_c, k_t, v, mask_c, scale: float, empty_rows_possible: bool) -> torc
         else:
             scores.add_(mask_c)
     weights = torch.softmax(scores, dim=-1)
-    if empty_rows_possible:  # fully masked rows give zeros (DESIGN's policy), not NaN
+    if empty_rows_possible:  # fully masked rows give zeros (the accuracy rule's policy, harness.accuracy), not NaN
         weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     return grouped_matmul(weights, v)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from harness.registry import register
+from harness.registry import register, register_tuner
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import bottom_right
 
@@ -117,7 +117,7 @@ def _isa() -> str:
 
 
 def tiles_path(threads: int) -> Path:
-    """Beside the ceilings of this machine and thread count (results/ceilings/...-cpu-t<threads>-tiles.json)."""
+    """Beside the ceilings of this machine and thread count (harness.cache: ceilings/...-cpu-t<threads>-tiles.json)."""
     from harness.ceilings import cache_path
 
     path = cache_path("cpu", threads)
@@ -193,6 +193,15 @@ def retune(threads: int | None = None) -> tuple[tuple[int, int], Path]:
         tiles_path(threads).unlink(missing_ok=True)
     cpu_tiles.cache_clear()
     return cpu_tiles(threads), tiles_path(threads)
+
+
+def _retune_report(threads: int | None) -> str:
+    tiles, path = retune(threads)
+    where = f"fixed by {TILES_ENV}" if os.environ.get(TILES_ENV) else f"saved: {path}"
+    return f"tiles {tiles[0]}x{tiles[1]} (query rows x keys), {where}"
+
+
+register_tuner("memory_efficient", "cpu", _retune_report)
 
 
 def _apply_masks(scores: torch.Tensor, masks: list[torch.Tensor]) -> None:

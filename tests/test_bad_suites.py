@@ -170,7 +170,7 @@ def test_every_shipped_suite_loads_and_expands(path):
 def test_the_cuda_suite_is_skipped_with_its_reason_on_a_machine_without_cuda():
     import torch
 
-    from harness.measure import skip_reason
+    from harness.machine import skip_reason
     from harness.suite import expand
 
     if torch.cuda.is_available():

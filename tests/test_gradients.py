@@ -10,7 +10,8 @@ import torch
 import implementations.memory_efficient as memory_efficient_module
 from harness import registry
 from harness.accuracy import grad_baseline
-from harness.measure import make_dout
+from harness.prepare import make_dout
+from harness.shapes import Case
 from harness.variants import VARIANTS, Inputs, Params
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -111,12 +112,15 @@ def test_memory_efficient_backward_across_many_ragged_tiles(monkeypatch):
 
 
 def test_memory_efficient_saves_row_statistics_not_score_matrices():
-    from harness.measure import prepare, saved_bytes
+    from harness.case_runner import saved_bytes
+    from harness.prepare import prepare
 
     saved = {}
     for n in (256, 1024):
         for name in ("naive", "memory_efficient"):
-            case = prepare("multi_head", name, Params(batch=1, heads=4, seq_len=n, head_dim=32, direction="bwd"))
+            case = prepare(
+                Case("t", "multi_head", name, Params(batch=1, heads=4, seq_len=n, head_dim=32, direction="bwd"))
+            )
             with torch.enable_grad():
                 saved_bytes(case, "cpu")  # the first forward pays for lazy set-up
                 saved[(name, n)] = saved_bytes(case, "cpu")

@@ -198,7 +198,7 @@ def test_a_report_of_10000_records_is_written(tmp_path):
 
 
 def _requests(name: str, lengths: list[int]):
-    from harness.measure import CaseRequest
+    from harness.messages import CaseRequest
     from harness.suite.schema import Timing
 
     timing = Timing(warmup=1, min_time_s=0.01, min_samples=8, max_time_s=5, min_sample_time_s=0)
@@ -211,7 +211,7 @@ def _requests(name: str, lengths: list[int]):
 
 @pytest.mark.slow
 def test_a_one_time_600_mib_cache_keeps_its_worker(faulty_plugins):
-    from harness.measure import new_worker
+    from harness.executors import new_worker
 
     worker = new_worker()
     try:
@@ -225,7 +225,7 @@ def test_a_one_time_600_mib_cache_keeps_its_worker(faulty_plugins):
 
 @pytest.mark.slow
 def test_a_kernel_that_leaks_100_mib_per_call_is_replaced_after_its_own_case(faulty_plugins):
-    from harness.measure import new_worker
+    from harness.executors import new_worker
 
     worker = new_worker()
     try:

@@ -200,16 +200,16 @@ def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(args, message):
 
 
 def test_large_half_precision_cpu_cases_are_skipped_where_the_cpu_would_emulate_them(monkeypatch):
-    from harness import measure
+    from harness import machine
     from harness.shapes import Case, Params
 
     big = Case("s", "multi_head", "naive", Params(batch=4, heads=8, seq_len=4096, head_dim=64, dtype="bfloat16"))
     small = Case("s", "multi_head", "naive", Params(batch=1, heads=1, seq_len=256, head_dim=64, dtype="bfloat16"))
-    monkeypatch.setattr(measure, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert "no native bfloat16 matmul" in measure.skip_reason(big)
-    assert measure.skip_reason(small) == ""  # small emulated cases still say how accurate bf16 is
-    monkeypatch.setattr(measure, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert measure.skip_reason(big) == ""
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert "no native bfloat16 matmul" in machine.skip_reason(big)
+    assert machine.skip_reason(small) == ""  # small emulated cases still say how accurate bf16 is
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert machine.skip_reason(big) == ""
 
 
 def test_a_timing_mode_that_cannot_apply_on_cpu_is_refused_with_its_reason(tmp_path):

@@ -76,11 +76,11 @@ def _available(dtype: str, **case: Any) -> list[str]:
 
 
 def _prepared(name: str, n: int, dtype: str, batch: int = 4, heads: int = 16, head_dim: int = 128):
-    from harness.measure import prepare
-    from harness.shapes import Params
+    from harness.prepare import prepare
+    from harness.shapes import Case, Params
 
     params = Params(batch=batch, heads=heads, seq_len=n, head_dim=head_dim, dtype=dtype, device="cuda")
-    return prepare("multi_head", name, params)
+    return prepare(Case("gpu_check", "multi_head", name, params))
 
 
 def check_timing(rounds: int, dtype: str) -> bool:
@@ -155,8 +155,8 @@ def report_decode(dtype: str, published_gbps: float | None) -> None:
 
     from harness import registry
     from harness.ceilings import ceilings_for
-    from harness.measure import prepare
-    from harness.shapes import Params
+    from harness.prepare import prepare
+    from harness.shapes import Case, Params
     from harness.timing import TimingSettings, time_cuda
 
     settings = TimingSettings(warmup=10, min_time_s=0.5, min_samples=50, max_time_s=5.0)
@@ -167,7 +167,7 @@ def report_decode(dtype: str, published_gbps: float | None) -> None:
     print(f"\ndecode {dtype} B=64 H=32/8 kv Nq=1 Nkv=8192 D=128 (measured copy bandwidth {bandwidth:.0f} GB/s)")
 
     def measure(name: str) -> tuple[float, float]:
-        case = prepare("decode", name, params)
+        case = prepare(Case("gpu_check", "decode", name, params))
         with torch.inference_mode():
             case.call()
             median = time_cuda(case.call, settings).median

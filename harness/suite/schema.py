@@ -88,6 +88,9 @@ class Timing(_Strict):
     flush_l2: bool = True
     # CUDA only: events (default), cudagraph or profiler (harness.timing); CPU cases time wall clock.
     mode: Literal["events", "cudagraph", "profiler"] = "events"
+    # The workers' glibc allocator: `fixed` mmap/trim thresholds (repeatable samples), or `default` as a
+    # user's own process has it; the regime moves some rankings by 10-25% (README, "Allocator").
+    allocator: Literal["fixed", "default"] = "fixed"
 
     @model_validator(mode="after")
     def _consistent(self) -> Timing:

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from harness import registry
-from harness.results import TASK_CACHE
-
-DEFAULT_CACHE = TASK_CACHE
+from harness.cache import task_cache_dir
 
 
 class Attention:
@@ -117,7 +115,7 @@ def train_or_load(
     cache_dir: Path | None = None,
 ) -> tuple[nn.Module, dict]:
     """The trained model of a task: from the cache when torch and the task's code are unchanged."""
-    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    cache_dir = Path(cache_dir or task_cache_dir())
     key = source_hash(*code)
     path = cache_dir / f"{name}-{key}.pt"
     model = make_model()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import registry
-from harness.measure import prepare_case
+from harness.prepare import prepare
 from harness.suite import expand, load_suite
 
 SUITE = load_suite(Path(__file__).resolve().parents[2] / "suites" / "ci.yaml")
@@ -28,7 +28,7 @@ def test_kernel(benchmark, case):
     if not ok:
         pytest.skip(why)
     torch.set_num_threads(case.params.threads or torch.get_num_threads())
-    prepared = prepare_case(case, seed=SUITE.seed)
+    prepared = prepare(case, seed=SUITE.seed)
     benchmark.group = f"{case.variant} n={case.params.seq_len}"
     benchmark.extra_info.update(case.params.as_dict())
 

@@ -1,0 +1,101 @@
+"""A case made ready to call: its inputs built from the suite's seed and checked once against the kernel
+contract, outside any timed region, and the work one call does.
+
+Every consumer prepares through `prepare(case, seed)`: the worker, `profile`, the asv benchmarks, the
+pytest-benchmark kernels and tools/gpu_check, so all of them measure the same call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from harness.shapes import Case, Params
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.registry import Implementation
+    from harness.variants import Inputs
+
+
+@dataclass
+class Prepared:
+    """A case ready to call: the implementation, inputs (already checked) and the work one call does."""
+
+    impl: Implementation
+    inputs: Inputs
+    params: Params
+    flops: float
+    tokens: int
+    bytes_moved: float
+    dout: torch.Tensor | None = None  # the gradient a backward pass starts from (seeded like the inputs)
+
+    def call(self) -> torch.Tensor:
+        return self.inputs.call(self.impl.fn)
+
+    def clear_grads(self) -> None:
+        for leaf in self.inputs.grad_leaves().values():
+            leaf.grad = None
+
+    def grads(self) -> dict[str, torch.Tensor | None]:
+        return {name: leaf.grad for name, leaf in self.inputs.grad_leaves().items()}
+
+    def step(self) -> Callable[[], object]:
+        """What one timed call of this case's direction runs.
+
+        `fwd`: the kernel. `fwd_bwd`: the kernel, then `out.backward(dout)`. `bwd`: one untimed
+        forward here, then every timed call is `out.backward(dout, retain_graph=True)` on its graph:
+        the backward alone, as flash-attention's benchmark times it. A fresh forward per sample would
+        need the clock stopped around each forward (and on CUDA a synchronisation per sample); the
+        retained graph keeps exactly what training keeps between forward and backward.
+        """
+        if self.params.direction == "fwd":
+            return self.call
+        if self.params.direction == "fwd_bwd":
+
+            def forward_backward() -> None:
+                self.clear_grads()
+                self.call().backward(self.dout)
+
+            return forward_backward
+        out = self.call()
+
+        def backward() -> None:
+            self.clear_grads()
+            out.backward(self.dout, retain_graph=True)
+
+        return backward
+
+
+def prepare(case: Case, seed: int = 0, inputs: Inputs | None = None) -> Prepared:
+    """Build (or reuse) the case's inputs from the suite's `seed` and check them once against the kernel
+    contract: what the worker, profile, the asv and pytest-benchmark kernels and gpu_check all call.
+
+    Availability is the caller's to ask first (`impl.available_for(params)`), so that an unavailable
+    case is a skip, not an error.
+    """
+    from harness import registry
+    from harness.variants import get_variant
+
+    variant, params = case.variant, case.params
+    spec = get_variant(variant)
+    impl = registry.get(variant, case.implementation)
+    if inputs is None:
+        inputs = spec.make_inputs(params, seed=seed)
+    registry.check_inputs(variant, inputs)
+    dout = None
+    if params.direction != "fwd":
+        inputs = inputs.with_grad()  # fresh leaves: each case's gradients are its own
+        dout = make_dout(inputs.args[0], seed)
+    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params), dout)
+
+
+def make_dout(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """The output gradient of a backward case: random, from the case's seed (the same on every side)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    values = torch.randn(tuple(like.shape), generator=gen, dtype=torch.float32)
+    return values.to(device=like.device, dtype=like.dtype)
