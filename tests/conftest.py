@@ -73,3 +73,35 @@ def faulty_plugins(monkeypatch):
     yield
     monkeypatch.delenv("HARNESS_PLUGINS")
     registry.reload()
+
+
+# ----------------------------------------------------------------------------- the fast tier
+# `pytest -m "not slow"` is the inner loop: a test that starts a worker, a CLI process, a compile or a
+# browser is `slow`. Compiling implementations are marked by name here; a test that starts a process
+# without the mark fails and says so, so the tier cannot silently grow slow again.
+COMPILING = ("compiled.", "flex")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        ids = getattr(getattr(item, "callspec", None), "id", "")
+        if any(name in ids for name in COMPILING):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import multiprocessing.process
+    import subprocess
+
+    from harness.memory import _libc
+
+    _libc()  # found once through `ldconfig -p` (ctypes.util): a library's look-up, not a process a test starts
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

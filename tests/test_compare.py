@@ -121,6 +121,7 @@ def _compare_cli(tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("new_mean", "code"), [(1.0, 0), (1.3, 1)])
 def test_cli_compare_exits_1_only_on_a_regression(tmp_path, new_mean, code):
     _write(tmp_path / "a", [record(noisy(1.0, 0.01, 20, 11))])
@@ -153,6 +154,7 @@ def test_25_percent_slowdowns_with_known_noise_are_always_caught():
     assert all(1.15 < c.ratio < 1.4 for c in verdicts)  # the disturbed rounds may lift the median a little
 
 
+@pytest.mark.slow
 def test_differing_environments_are_stated_before_the_verdicts(tmp_path):
     import json
 

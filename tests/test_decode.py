@@ -146,6 +146,7 @@ def test_impossible_decode_shapes_are_input_errors(params, message):
         DECODE.normalize(params)
 
 
+@pytest.mark.slow
 def test_a_suite_with_an_impossible_decode_shape_exits_2_naming_the_file(tmp_path):
     path = tmp_path / "decode_bad.yaml"
     path.write_text(
@@ -171,6 +172,7 @@ def test_decode_work_is_the_whole_cache_read_once():
     )
 
 
+@pytest.mark.slow
 def test_a_decode_run_records_bandwidth_and_plots_it_against_the_cache_length(tmp_path):
     suite = tmp_path / "decode_tiny.yaml"
     suite.write_text(

@@ -80,6 +80,7 @@ def test_a_job_that_dies_leaves_crash_records_and_the_run_goes_on(tmp_path):
     assert (tmp_path / "run" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_resume_merges_records_that_jobs_wrote_after_the_parent_stopped(tmp_path):
     suite = _suite(["naive"], seq_len="[32, 48]")
     first = run_suite(suite, tmp_path / "run")
@@ -111,6 +112,7 @@ def test_resume_merges_records_that_jobs_wrote_after_the_parent_stopped(tmp_path
         (["--executor", "ray", "--executor-option", "num_gpus=1"], "the Ray cluster has 0"),
     ],
 )
+@pytest.mark.slow
 def test_bad_executor_options_exit_2_with_a_message(tmp_path, args, message):
     suite = tmp_path / "s.yaml"
     suite.write_text(suite_text(["naive"]))

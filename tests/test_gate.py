@@ -32,6 +32,7 @@ from harness import register
 SLOWDOWN = {slowdown}   # extra time as a fraction of the kernel's own time
 ROUND_NOISE = {noise}   # random extra time that changes every few calls (noise between rounds)
 _state = {{"calls": 0, "extra": 0.0}}
+_noise = random.Random(0)  # seeded: each worker draws the same noise sequence, run after run
 
 
 @register("tunable", variants=("multi_head",))
@@ -40,7 +41,7 @@ def tunable(q, k, v, *, causal=False, scale=None, mask=None):
     start = time.perf_counter()
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     if _state["calls"] % 8 == 0:  # noise blocks shorter than a round, several per round
-        _state["extra"] = ROUND_NOISE * random.random()
+        _state["extra"] = ROUND_NOISE * _noise.random()
     _state["calls"] += 1
     spent = time.perf_counter() - start
     deadline = start + spent * (1 + SLOWDOWN + _state["extra"])
@@ -119,6 +120,7 @@ def test_each_side_measures_its_own_tree_and_worktrees_are_removed(repo, tmp_pat
     assert _git(repo, "worktree", "list").count("\n") == 0  # only the main worktree is left
 
 
+@pytest.mark.slow
 def test_cli_gate_with_an_unknown_ref_exits_2(repo):
     _commit(repo, 0.0)
     done = subprocess.run(

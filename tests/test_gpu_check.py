@@ -34,6 +34,7 @@ def test_a_failing_implementation_is_a_row_with_its_reason_and_the_check_goes_on
     assert rows[1].error == "NotImplementedError: xFormers was built for PyTorch 2.10.0+cu128"
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_check_exits_2_with_a_reason():
     import torch
 

@@ -30,6 +30,7 @@ def test_profile_writes_tensorboard_and_chrome_traces_and_top_operators(suite_fi
     assert list((out / entry["tensorboard_dir"]).glob("*.pt.trace.json"))
 
 
+@pytest.mark.slow
 def test_profiles_of_a_run_folder_appear_in_its_report(suite_file, tmp_path):
     from harness.runner import run_suite
     from harness.suite import load_suite

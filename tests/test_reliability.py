@@ -90,6 +90,7 @@ def test_kill_9_at_random_points_then_resume_records_every_case_exactly_once(tmp
     assert seen_after_kill == sorted(seen_after_kill)  # nothing finished was ever lost
 
 
+@pytest.mark.slow
 def test_an_unusable_results_folder_is_a_clear_error_before_measuring(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -157,6 +158,7 @@ def test_a_second_run_into_a_busy_folder_exits_2(tmp_path):
     assert done.returncode == 2 and "another run" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_report_of_10000_records_is_written(tmp_path):
     from harness.report import write_report
 

@@ -144,6 +144,7 @@ def test_report_loads_in_headless_chromium_without_console_errors_and_plots_rend
     assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
 
 
+@pytest.mark.slow
 def test_cli_report_verb_writes_the_report(run_dir):
     done = subprocess.run(
         [os.sys.executable, "-m", "harness", "report", str(run_dir)],

@@ -81,6 +81,7 @@ def test_measured_cpu_ceilings_are_real_numbers(tmp_path):
     assert "2n^3" in ceilings.method["matmul_float32"] and "read + written" in ceilings.method["bandwidth"]
 
 
+@pytest.mark.slow
 def test_the_ceilings_verb_refuses_an_unknown_device():
     done = subprocess.run(
         [sys.executable, "-m", "harness", "ceilings", "--device", "mars"],

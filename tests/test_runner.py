@@ -62,6 +62,7 @@ def test_each_kind_of_failure_is_recorded_and_the_sweep_goes_on(faulty_plugins, 
     assert len(read_records(tmp_path / "run")) == len(names)
 
 
+@pytest.mark.slow
 def test_records_have_the_design_keys_and_consistent_figures(tmp_path):
     suite = parse_text(suite_text(["naive", "sdpa", "sdpa.cudnn"], seq_len="[32, 64]"))
     result = run_suite(suite, tmp_path / "run")
@@ -82,6 +83,7 @@ def test_records_have_the_design_keys_and_consistent_figures(tmp_path):
     assert (tmp_path / "run" / "env.json").exists() and (tmp_path / "run" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_inaccurate_output_is_flagged_with_its_error(faulty_plugins, tmp_path):
     result = run_suite(parse_text(suite_text(["slightly_off"])), tmp_path / "run")
     record = result.records[0]
@@ -89,6 +91,7 @@ def test_inaccurate_output_is_flagged_with_its_error(faulty_plugins, tmp_path):
     assert record["max_abs_err"] == pytest.approx(1e-3, rel=1e-2) and record["max_abs_err"] > record["tolerance"]
 
 
+@pytest.mark.slow
 def test_memory_measurement_sees_a_known_allocation(faulty_plugins, tmp_path):
     suite = parse_text(suite_text(["naive", "allocates_64mib"], "measure: [memory]\n"))
     got = by_impl(run_suite(suite, tmp_path / "run").records)
@@ -96,6 +99,7 @@ def test_memory_measurement_sees_a_known_allocation(faulty_plugins, tmp_path):
     assert abs(extra - (64 << 20)) < (1 << 20), extra
 
 
+@pytest.mark.slow
 def test_excluded_and_unavailable_cases_are_skipped_with_reasons(tmp_path):
     text = suite_text(
         ["naive", "chunked"],
@@ -114,6 +118,7 @@ def test_excluded_and_unavailable_cases_are_skipped_with_reasons(tmp_path):
         assert statuses[("chunked", 32, "cuda")] == ("skipped", "no CUDA device on this machine")
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_missing_cases(tmp_path):
     suite = parse_text(suite_text(["naive", "chunked", "sdpa"]))
     out = tmp_path / "run"
@@ -175,6 +180,7 @@ def test_kill_9_loses_no_finished_case_and_resume_completes_the_run(tmp_path):
     assert {r["case_id"]: r for r in before}.keys() <= set(ids)
 
 
+@pytest.mark.slow
 def test_cli_strict_exits_1_on_a_failed_case(faulty_plugins, tmp_path):
     suite = tmp_path / "s.yaml"
     suite.write_text(suite_text(["naive", "raises"]))
@@ -193,6 +199,7 @@ def test_cli_strict_exits_1_on_a_failed_case(faulty_plugins, tmp_path):
         (["list", "--variant", "multihead"], "Did you mean 'multi_head'"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(args, message):
     done = _cli(*args)
     assert done.returncode == 2
@@ -212,6 +219,7 @@ def test_large_half_precision_cpu_cases_are_skipped_where_the_cpu_would_emulate_
     assert machine.skip_reason(big) == ""
 
 
+@pytest.mark.slow
 def test_a_timing_mode_that_cannot_apply_on_cpu_is_refused_with_its_reason(tmp_path):
     suite = parse_text(
         suite_text(["naive"], "", seq_len="[32]").replace(
@@ -227,6 +235,7 @@ def test_an_unknown_timing_mode_is_an_input_error():
         parse_text(suite_text(["naive"]).replace("min_sample_time_s: 0}", "min_sample_time_s: 0, mode: graphs}"))
 
 
+@pytest.mark.slow
 def test_cpu_timings_say_they_are_wall_clock(tmp_path):
     (record,) = run_suite(parse_text(suite_text(["naive"])), tmp_path / "run").records
     assert record["time_s"]["mode"] == "wall"
@@ -258,11 +267,13 @@ def test_the_eta_is_the_predicted_time_before_any_case_ends():
         progress.stop()
 
 
+@pytest.mark.slow
 def test_a_clean_local_run_starts_one_worker(tmp_path):
     result = run_suite(parse_text(suite_text(["naive", "sdpa"], seq_len="[16, 32]")), tmp_path / "run")
     assert len(result.records) == 4 and result.worker_starts == 1
 
 
+@pytest.mark.slow
 def test_training_directions_record_gradients_saved_memory_and_scaled_flops(tmp_path):
     text = suite_text(["naive", "memory_efficient"], seq_len="[48]").replace(
         "threads: [1]}", "threads: [1], direction: [fwd, bwd, fwd_bwd]}"
