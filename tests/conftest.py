@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 # The `triton` implementation runs on CPU tensors under triton's interpreter. triton reads this when
 # it is imported (its own tl.* helpers are jitted then), so it is set before anything can import it:
@@ -11,6 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # memory_efficient's CPU tiles are tuned once per machine and cached for real runs; a tuning done
 # during the tests (a busy machine) must not become that cache, so the tests fix them.
 os.environ.setdefault("HARNESS_TILES", "1024x512")
+# What the harness learns about a machine (harness.cache) goes to a folder of this test session, never
+# the user's cache: a ceiling measured while the tests load the machine must not outlive them.
+os.environ.setdefault("HARNESS_CACHE_DIR", tempfile.mkdtemp(prefix="harness-test-cache-"))
 import textwrap
 from pathlib import Path
 

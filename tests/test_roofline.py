@@ -11,7 +11,7 @@ import pytest
 
 from harness import shapes
 from harness.ceilings import Ceilings, cache_path, ceilings_for, load, save
-from harness.results import new_record
+from harness.results import new_record, read_records
 from harness.roofline import IMPOSSIBLE, attach, roofline
 from tests.helpers import timed
 
@@ -100,7 +100,7 @@ def test_a_run_records_its_ceilings_and_every_timed_case_its_roofline(tmp_path, 
     from harness.suite import parse_text
     from tests.conftest import suite_text
 
-    monkeypatch.setattr(module, "CEILINGS_DIR", tmp_path / "ceilings")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(
         module,
         "ceilings_for",
@@ -145,3 +145,36 @@ def test_the_report_calls_a_tie_within_noise_a_tie():
 
     (row,) = best_per_shape(to_frame(records), {r.case_id: r for r in records})
     assert row["best"] == "sdpa ≈ sdpa.flash" and row["tie"] and row["runner_up"] == "sdpa.flash"
+
+
+def test_a_ceiling_only_goes_up_when_measured_again(tmp_path, monkeypatch):
+    import harness.ceilings as module
+
+    low = Ceilings("m", "cpu", 1, flops={"float32": 1e9, "bfloat16": 5e11}, bandwidth=1e9)
+    quiet = Ceilings("m", "cpu", 1, flops={"float32": 2e11, "bfloat16": 1e11}, bandwidth=4e10)
+    monkeypatch.setattr(module, "measure", lambda device, threads: quiet)
+    merged = module.remeasure(low, tmp_path / "m.json")
+    assert merged.flops == {"float32": 2e11, "bfloat16": 5e11} and merged.bandwidth == 4e10
+    assert load(tmp_path / "m.json") == merged
+
+
+@pytest.mark.slow
+def test_a_run_corrects_a_ceiling_cached_too_low(tmp_path, monkeypatch):
+    """A ceiling cached in a busy moment (planted 1000x too low here) makes every fraction impossible;
+    the run measures it again, keeps the higher value and judges every record against it."""
+    from harness.runner import run_suite
+    from harness.suite import parse_text
+    from tests.conftest import suite_text
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    path = cache_path("cpu", 1)
+    planted = Ceilings("m", "cpu", 1, flops={d: 1e8 for d in ("float32", "bfloat16", "float16")}, bandwidth=1e8)
+    save(planted, path)
+    result = run_suite(parse_text(suite_text(["naive", "sdpa"], seq_len="[32, 64]")), tmp_path / "run")
+    fixed = load(path)
+    assert fixed.flops["float32"] > 100 * planted.flops["float32"] and fixed.bandwidth > 100 * planted.bandwidth
+    timed = [r for r in read_records(tmp_path / "run") if r.roofline is not None]
+    assert len(timed) == len(result.records) == 4
+    for record in timed:
+        assert record.roofline.note is None and record.roofline.fraction <= IMPOSSIBLE
+        assert record.roofline.peak_tflops == pytest.approx(fixed.flops["float32"] / 1e12)
