@@ -238,3 +238,37 @@ def test_a_kernel_that_leaks_100_mib_per_call_is_replaced_after_its_own_case(fau
         assert worker.starts == 2  # the case after the leak ran in a fresh process
     finally:
         worker.stop()
+
+
+@pytest.mark.slow
+def test_a_one_time_set_up_is_not_a_leak_whichever_case_of_the_worker_it_is(faulty_plugins):
+    """[caches_once, sdpa, leaks_100mib, naive] over four shapes: after each leaky case's worker is
+    replaced, the new worker's first case is caches_once again, whose 600 MiB table is set-up there."""
+    from harness.executors import new_worker
+
+    worker = new_worker()
+    try:
+        names = ["caches_once", "sdpa", "leaks_100mib", "naive"]
+        replies = {}
+        for n in (16, 32, 48, 64):
+            for name in names:
+                replies[name, n] = worker.run(_requests(name, [n])[0], timeout_s=120, memory_limit=None)
+        assert all(r.status == "ok" for r in replies.values()), {k: r.reason for k, r in replies.items()}
+        noted = {name for (name, _), r in replies.items() if r.leak_note}
+        assert noted == {"leaks_100mib"}
+        assert worker.starts == 1 + 4  # one replacement after each leaky case, none for the cache
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_growth_across_cases_of_one_implementation_is_a_leak(faulty_plugins):
+    from harness.executors import new_worker
+
+    worker = new_worker()
+    try:
+        replies = [worker.run(r, timeout_s=120, memory_limit=None) for r in _requests("caches_per_shape", [16, 32, 48])]
+        assert [bool(r.leak_note) for r in replies] == [False, False, True]  # set-up, +300 MiB, +600 MiB
+        assert "after the later cases of caches_per_shape" in replies[2].leak_note
+    finally:
+        worker.stop()

@@ -110,3 +110,14 @@ def leaks_100mib(q, k, v, *, causal=False, scale=None, mask=None):
     """Keeps 100 MiB alive after every call."""
     _LEAKED.append(torch.ones((100 << 20) // 4))
     return naive(q, k, v, causal=causal, scale=scale, mask=mask)
+
+
+_PER_SHAPE: dict = {}
+
+
+@register("caches_per_shape", variants=("multi_head",))
+def caches_per_shape(q, k, v, *, causal=False, scale=None, mask=None):
+    """Keeps 300 MiB for every new shape it sees: a per-shape cache that grows without bound."""
+    if q.shape not in _PER_SHAPE:
+        _PER_SHAPE[q.shape] = torch.ones((300 << 20) // 4)
+    return naive(q, k, v, causal=causal, scale=scale, mask=mask)
