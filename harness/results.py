@@ -133,15 +133,20 @@ class Roofline(_Stored):
     note: str | None = None
 
 
-class TaskMetric(_Stored):
-    """One metric of an application task (harness.tasks): an implementation's value beside naive's."""
+class _TaskMetricKeys(_Stored):
+    """The keys of one metric of an application task (harness.tasks): an implementation's value beside
+    the task's baseline and naive's; a task's record carries one metric's."""
 
-    metric: str
+    metric: str | None = None
     value: float | None = None
     baseline: float | None = None
     baseline_name: str | None = None
     naive_value: float | None = None
-    higher_is_better: bool = True
+    higher_is_better: bool | None = None
+
+
+class TaskMetric(_TaskMetricKeys):
+    metric: str
 
 
 class Measured(_Stored):
@@ -218,7 +223,7 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
-class Record(Measured):
+class Record(Measured, _TaskMetricKeys):
     """One line of results.jsonl: a case's identity, params and what was measured (the record keys).
 
     Older files load through MIGRATIONS (no `schema_version`: version 1). Readers index a record like
@@ -234,12 +239,6 @@ class Record(Measured):
     # Task records (one per metric; `task_case` is the case they share)
     task: str | None = None
     task_case: str | None = None
-    metric: str | None = None
-    value: float | None = None
-    baseline: float | None = None
-    baseline_name: str | None = None
-    naive_value: float | None = None
-    higher_is_better: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -263,8 +262,10 @@ class Record(Measured):
         return self.status in FAILED
 
     def keys(self) -> list[str]:
-        """The stored keys: every design key, and the optional ones that are set."""
-        return [k for k in type(self).model_fields if k in RECORD_KEYS or getattr(self, k) is not None]
+        """The stored keys, the case's identity first: every design key, and the optional ones that are set."""
+        identity = ("schema_version", "suite", "variant", "implementation", "case_id", "params", "task", "task_case")
+        names = [*identity, *(k for k in type(self).model_fields if k not in identity)]
+        return [k for k in names if k in RECORD_KEYS or getattr(self, k) is not None]
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object this record is stored as (NaN/Inf as strings; unset optional keys left out)."""
