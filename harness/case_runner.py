@@ -316,7 +316,7 @@ def run_task(request: TaskRequest) -> Outcome:
 
         if request.threads:
             torch.set_num_threads(request.threads)
-        return Outcome(**run_application_task(request.task, request.implementation, request.cache_dir))
+        return Outcome(**run_application_task(request.task, request.implementation, request.cache_dir, request.options))
     except Exception as exc:
         return failure_of(exc)
 

@@ -1,6 +1,6 @@
 """Benchmark attention implementations: time, peak memory and accuracy per implementation, device and shape.
 
-`python -m harness VERB ...` with VERB one of list, run, report, compare, gate, profile, ceilings
+`python -m harness VERB ...` with VERB one of list, run, report, compare, gate, profile, ceilings, llm
 (`python -m harness VERB --help` for each; docs/architecture.md for how they fit together).
 
 Exit codes: 0 success; 1 a regression, or --strict saw a failed or inaccurate case; 2 bad input.
@@ -262,6 +262,41 @@ def cmd_ceilings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llm(args: argparse.Namespace) -> int:
+    """Task llm on the user's own config: the same comparison and report as suites/llm.yaml."""
+    from pathlib import Path
+
+    from harness.console import RunProgress, llm_table
+    from harness.runner import run_suite
+    from harness.suite import check_only, parse_suite
+    from harness.tasks.llm import load_config, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        raise InputError(f"llm: {why}")
+    path = Path(args.config)
+    if not (path / "config.json" if path.is_dir() else path).is_file():
+        raise InputError(f"{args.config}: no such config file (a transformers config.json, or its folder)")
+    try:
+        load_config(str(path))
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InputError(f"{args.config}: not a usable transformers config: {exc}") from None
+    options = {"config": str(path.resolve()), "dtype": args.dtype}
+    if args.prompt_len:
+        options["prompt_len"] = args.prompt_len
+    if args.new_tokens:
+        options["new_tokens"] = args.new_tokens
+    name = "llm-" + "".join(c if c.isalnum() or c in "_.-" else "-" for c in path.stem)[:50]
+    suite = parse_suite({"name": name, "tasks": ["llm"], "task_options": {"llm": options}}, f"llm --config {path}")
+    if args.only:
+        check_only(suite, args.only)
+    result = run_suite(suite, args.out, only=args.only, progress=RunProgress(console))
+    console.print(llm_table(result.records, name.removeprefix("llm-")))
+    report = _write_report(result.out_dir)
+    console.print(f"results: {result.out_dir}/" + (f"  report: {report}" if report else ""), highlight=False)
+    return 130 if result.interrupted else 0
+
+
 def _verdict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.05, help="slow-down that counts (default 0.05 = 5%%)")
     p.add_argument("--markdown", metavar="FILE", help="also write a pull-request comment in Markdown")
@@ -339,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip timing the same GEMM and copy with torch.utils.benchmark beside them",
     )
     p.set_defaults(func=cmd_ceilings)
+
+    p = verbs.add_parser("llm", help="every implementation inside a transformers model of your config, against eager")
+    p.add_argument("--config", required=True, help="a transformers config.json (or its folder); random weights")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these implementations (names or patterns)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-len", type=_positive, default=None, help="prompt tokens (default 48)")
+    p.add_argument("--new-tokens", type=_positive, default=None, help="greedy steps compared (default 8)")
+    p.add_argument("--out", help="run folder (default results/llm-<config>-<time>)")
+    p.set_defaults(func=cmd_llm)
     return parser
 
 

@@ -162,3 +162,43 @@ def summary_table(records: list[Any]) -> Table:
             f"[red]{failed}[/red]" if failed else "0",
         )
     return table
+
+
+def llm_table(records: list[Any], family: str) -> Table:
+    """Task llm for one model family: implementation x (logit error and tolerance, greedy agreement with
+    its flips and near-ties, prefill and decode time as ratios to eager, attention's share of prefill)."""
+    from rich.markup import escape
+
+    table = Table(title=f"llm: {family} (against eager, same weights and inputs)", title_justify="left")
+    columns = ("implementation", "max logit err", "tolerance", "agreement", "flips (near-ties)", "min top-2 gap")
+    for column in (*columns, "prefill x eager", "decode x eager", "attention share", "status"):
+        table.add_column(column, justify="left" if column in ("implementation", "status") else "right")
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault(r["implementation"], {"record": r})
+        if str(r.get("metric") or "").startswith(f"{family}."):
+            row[r["metric"].split(".", 1)[1]] = r
+    for name, row in rows.items():
+        first = row["record"]
+        detail = ((first.get("task_extra") or {}).get("families") or {}).get(family, {})
+
+        def value(metric: str, row=row) -> str:
+            record = row.get(metric)
+            return "" if record is None or record.get("value") is None else f"{record['value']:.3g}"
+
+        err = row.get("max_logit_err")
+        flips = f"{detail['flips']} ({detail['near_ties']})" if detail else ""
+        status = str(first["status"]) + (f": {first['reason']}" if first.get("reason") else "")
+        table.add_row(
+            name,
+            value("max_logit_err"),
+            "" if err is None else f"{err['baseline']:.3g}",
+            value("token_agreement"),
+            flips,
+            f"{detail['min_top2_gap']:.3g}" if detail else "",
+            value("prefill_time_vs_eager"),
+            value("decode_time_vs_eager"),
+            value("attention_share"),
+            escape(status[:90]),
+        )
+    return table

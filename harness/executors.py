@@ -212,6 +212,7 @@ def request_for(case: Case, suite: Suite) -> CaseRequest | TaskRequest:
             variant=case.variant,
             implementation=case.implementation,
             threads=suite.sweeps[0].threads[0] if suite.sweeps else None,
+            options=suite.task_options.get(case.task, {}),
         )
     return CaseRequest(
         variant=case.variant,

@@ -42,6 +42,7 @@ class TaskRequest(_Message):
     implementation: str
     cache_dir: str = Field(default_factory=lambda: str(task_cache_dir()))
     threads: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # the suite's task_options for this task
 
 
 class NamesRequest(_Message):

@@ -292,6 +292,11 @@ def _layout(q, k, v, mask, scale):
     if mask is None and ratio == 1:
         qs, k_w, v_w = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_w, v_w))  # (1, B·H, N, D)
     elif mask is not None:
+        if mask.dtype != torch.bool:
+            # An additive mask at the dtype's limit (transformers' eager_mask: 0 / finfo.min) times log2(e)
+            # would overflow to -inf and turn a fully masked row into zeros, where the reference's finite
+            # scores give a uniform average. Clamped, the sum stays at the limit, as in naive.
+            mask = mask.clamp(min=torch.finfo(mask.dtype).min / LOG2E)
         mask = mask.expand(batch, heads, n_q, n_kv)  # (B, H, Nq, Nkv), a view: no copy
     return work, qs, k_w, v_w, mask, ratio
 

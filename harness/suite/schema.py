@@ -212,6 +212,8 @@ class Suite(_Strict):
     implementations: Literal["all"] | list[str] = "all"
     sweep: Sweep | list[Sweep] | None = None
     tasks: list[str] = Field(default_factory=list)
+    # Per task, its options (harness.tasks: only `llm` takes any): {llm: {families: [llama], dtype: bfloat16}}
+    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     measure: list[Measure] = Field(default=["time", "memory", "accuracy"], min_length=1)
     timing: Timing = Timing()
     limits: Limits = Limits()
@@ -232,6 +234,22 @@ class Suite(_Strict):
         from harness.tasks import TASKS
 
         return _known("task", tasks, TASKS)
+
+    @model_validator(mode="after")
+    def _known_task_options(self) -> Suite:
+        from harness.tasks import task_defaults
+
+        for task, options in self.task_options.items():
+            if task not in self.tasks:
+                raise ValueError(f"task_options names task {task!r}, which is not among the suite's tasks")
+            allowed = task_defaults(task)
+            for key in options:
+                if key not in allowed:
+                    raise ValueError(
+                        f"task {task!r} has no option {key!r}{did_you_mean(key, allowed, inline=True)}; "
+                        f"allowed: {', '.join(allowed) or 'none'}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _something_to_run(self) -> Suite:

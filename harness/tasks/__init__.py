@@ -1,6 +1,6 @@
 """The five tasks the attention variants come from, each small enough to train on a CPU in a minute.
 
-`run_task(name, implementation)` trains the task's model once (cached under results/task-cache),
+`run_task(name, implementation)` trains the task's model once (cached in the harness's cache folder),
 evaluates it with `naive` and with `implementation` on the same weights, and returns the records'
 task fields: metric, value, baseline, agreement with naive's predictions, and samples/s.
 """
@@ -18,7 +18,11 @@ TASKS: dict[str, str] = {
     "segmentation": "attention_gate",
     "retrieval": "cross_attention",
     "chatbot": "causal",
+    # Not one of the article's: every implementation inside a transformers model (harness.tasks.llm).
+    "llm": "causal",
 }
+# Each task's options (a suite's `task_options`) and their defaults; a task without options has none.
+TASK_OPTIONS: dict[str, str] = {"llm": "harness.tasks.llm"}
 
 
 def variant_of(task: str) -> str:
@@ -27,12 +31,19 @@ def variant_of(task: str) -> str:
     return TASKS[task]
 
 
-def run_task(task: str, implementation: str, cache_dir: str | Path | None = None) -> dict:
+def task_defaults(task: str) -> dict:
+    """The options `task` takes with their defaults ({} for a task that takes none)."""
+    return dict(importlib.import_module(TASK_OPTIONS[task]).DEFAULTS) if task in TASK_OPTIONS else {}
+
+
+def run_task(task: str, implementation: str, cache_dir: str | Path | None = None, options: dict | None = None) -> dict:
     """Evaluate one implementation on one task; the outcome the worker sends back."""
     import torch
 
     variant_of(task)
     module = importlib.import_module(f"harness.tasks.{task}")
+    if hasattr(module, "evaluate"):  # a task that compares against its own reference (llm: eager)
+        return module.evaluate(implementation, options)
     torch.manual_seed(0)
     evaluation, reference, info = module.run(implementation, cache_dir)
     same = evaluation.predictions == reference.predictions

@@ -1,7 +1,7 @@
 """What every task shares: the attention hook, training with a fixed seed, the weight cache, and
 evaluation of one implementation against `naive` on the same trained weights.
 
-A task trains once (with `naive`, the reference kernel), caches its weights under results/, and
+A task trains once (with `naive`, the reference kernel), caches its weights in the cache folder, and
 then swaps the attention implementation at evaluation: the metric, the agreement of predictions
 with naive's, and the evaluation throughput are measured per implementation.
 """

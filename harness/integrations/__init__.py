@@ -1,0 +1,1 @@
+"""Where the harness plugs into other tools: transformers (attention backends)."""
