@@ -417,18 +417,17 @@ def latest_records(records: list[Record]) -> list[Record]:
 
 
 def to_frame(records: list[Record] | list[dict]):
-    """A flat pandas DataFrame: `params.*` become plain columns (`batch`), `time_s.*` `time_*` and
-    `roofline.*` `roofline_*`; raw samples are left out (compare reads them from the records)."""
+    """A flat pandas DataFrame: `params.*` become plain columns (`batch`), `time_s.*` `time_*`, and any
+    other nested value (`roofline`, the gradient errors) `<key>_<field>`; raw samples are left out
+    (compare reads them from the records)."""
     import pandas as pd
 
-    rows = []
-    for record in records:
-        row = as_record(record).as_dict()
-        if isinstance(row.get("time_s"), dict):
-            row["time_s"] = {k: v for k, v in row["time_s"].items() if k not in ("samples", "round_medians")}
-        rows.append(row)
-    frame = pd.json_normalize(rows, max_level=1)
-    frame.columns = [_column(c) for c in frame.columns]
+    frame = pd.DataFrame([as_record(record).as_dict() for record in records])
+    for key in [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, dict)).any()]:
+        nested = pd.json_normalize([v if isinstance(v, dict) else {} for v in frame.pop(key)], max_level=0)
+        nested = nested.drop(columns=[c for c in ("samples", "round_medians") if key == "time_s" and c in nested])
+        nested.columns = [_column(f"{key}.{c}") for c in nested.columns]
+        frame = frame.join(nested.set_index(frame.index))
     for column in ("max_abs_err", "max_rel_err", "tolerance", "tflops", "tokens_per_s", "gbps", "roofline_fraction"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")

@@ -21,6 +21,8 @@ TASKS: dict[str, str] = {
     # Not one of the article's: every implementation inside a transformers model (harness.tasks.llm).
     "llm": "causal",
 }
+# The article's five tasks, one per variant (suites/tasks.yaml runs them).
+ARTICLE_TASKS: tuple[str, ...] = ("text_classification", "captioning", "segmentation", "retrieval", "chatbot")
 # Each task's options (a suite's `task_options`) and their defaults; a task without options has none.
 TASK_OPTIONS: dict[str, str] = {"llm": "harness.tasks.llm"}
 
