@@ -17,10 +17,18 @@ from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import bottom_right_mask, fold, with_causal
 
-try:  # torch >= 2.3: bottom-right causality that the flash and efficient backends take as such
-    from torch.nn.attention.bias import causal_lower_right
-except ImportError:
-    causal_lower_right = None
+
+@functools.cache
+def _causal_lower_right():
+    """torch >= 2.3's bottom-right causal bias, which the flash and efficient backends take as such (None
+    before). Imported on first use: torch.nn.attention.bias imports torch._dynamo, 1.5 s that every
+    worker, CLI and test process would pay at registration."""
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:
+        return None
+    return causal_lower_right
+
 
 BACKENDS: dict[str, SDPBackend | None] = {
     "sdpa": None,
@@ -44,8 +52,8 @@ def _call(
     if decode and causal:  # decode's new tokens see the cache bottom-right
         n_q, n_kv = q.shape[2], k.shape[2]
         causal = False
-        if n_q > 1 and mask is None and causal_lower_right is not None:
-            mask = causal_lower_right(n_q, n_kv)
+        if n_q > 1 and mask is None and _causal_lower_right() is not None:
+            mask = _causal_lower_right()(n_q, n_kv)
         elif n_q > 1:
             mask = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
     if mask is not None and causal:
