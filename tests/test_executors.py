@@ -16,6 +16,10 @@ from harness.runner import run_suite
 from harness.suite import expand, parse_suite
 from tests.conftest import ROOT, suite_text
 
+# A local Ray instance and submitit's local jobs each take the machine's cores: one at a time, on one
+# xdist worker.
+pytestmark = pytest.mark.xdist_group("cluster")
+
 pytest.importorskip("submitit")
 
 SAME = ("status", "reason", "max_abs_err", "max_rel_err", "tolerance", "accurate")

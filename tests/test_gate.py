@@ -19,6 +19,8 @@ import pytest
 from harness.compare import NOISE, SLOWER
 from harness.gate import gate
 
+pytestmark = pytest.mark.xdist_group("gate")  # the gate's runs pin cores: one gate at a time
+
 ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL = '''
