@@ -82,16 +82,12 @@ def test_tuned_tiles_go_to_the_cache_folder_never_the_current_one(tmp_path, monk
 
 
 def test_the_allocator_regime_is_on_record_and_default_sets_nothing(monkeypatch):
-    import harness.machine as machine
-    from harness.worker import ALLOCATOR_ENV, allocator_env
-
-    monkeypatch.setattr(machine, "_git_or_empty", lambda *args: "")  # env.json's commit: not this test's
+    from harness.worker import ALLOCATOR_ENV, allocator_env, allocator_settings
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
     assert allocator_env("default") == {} and allocator_env("fixed") == ALLOCATOR_ENV
-    env = machine.environment("default")
-    assert env["allocator"] == {"regime": "default", "glibc_env": {}}
+    assert allocator_settings("default") == {"regime": "default", "glibc_env": {}}  # env.json's `allocator`
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1")  # a user's own setting wins
     assert allocator_env("fixed") == {"MALLOC_TRIM_THRESHOLD_": ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]}
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "1"

@@ -12,7 +12,8 @@ import pytest
 from harness import shapes
 from harness.ceilings import Ceilings, cache_path, ceilings_for, load, save
 from harness.results import new_record, read_records
-from harness.roofline import IMPOSSIBLE, attach, roofline
+from harness.roofline import IMPOSSIBLE
+from harness.worker import ALLOCATOR_ENV, attach, roofline
 from tests.helpers import timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,7 @@ def test_a_run_records_its_ceilings_and_every_timed_case_its_roofline(tmp_path, 
     result = run_suite(parse_text(suite_text(["naive", "sdpa"], seq_len="[32, 64]")), tmp_path / "run")
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env["ceilings"] == {"cpu-t1": str(tmp_path / "ceilings" / "m.json")}
+    assert env["allocator"]["regime"] == "fixed" and set(env["allocator"]["glibc_env"]) == set(ALLOCATOR_ENV)
     for record in result.records:
         assert record["bytes_moved"] == shapes.dot_product_bytes(shapes.Params(**record["params"]))
         assert record["gbps"] == pytest.approx(record["bytes_moved"] / record["time_s"]["median"] / 1e9)
