@@ -12,8 +12,8 @@ import pytest
 from harness import shapes
 from harness.ceilings import Ceilings, cache_path, ceilings_for, load, save
 from harness.results import new_record, read_records
-from harness.roofline import IMPOSSIBLE
-from harness.worker import ALLOCATOR_ENV, attach, roofline
+from harness.roofline import IMPOSSIBLE, attach, roofline
+from harness.worker import ALLOCATOR_ENV
 from tests.helpers import timed
 
 ROOT = Path(__file__).resolve().parents[1]
