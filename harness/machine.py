@@ -6,7 +6,6 @@ torch-free at import: the parent asks these before any kernel is loaded.
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import subprocess
@@ -37,9 +36,10 @@ def _git_or_empty(*args: str) -> str:
         return ""
 
 
-@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first CPU's entries of Linux's /proc/cpuinfo ({} where it cannot be read)."""
+    """The first CPU's entries of Linux's /proc/cpuinfo ({} where it cannot be read). Not cached: a read
+    takes a millisecond, and compiled.* kernels reach it through the tile cache, where dynamo warns
+    about a cached function."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
