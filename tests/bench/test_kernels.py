@@ -21,6 +21,7 @@ SUITE = load_suite(Path(__file__).resolve().parents[2] / "suites" / "ci.yaml")
 CASES = [c for c in expand(SUITE) if not c.skip_reason]
 
 
+@pytest.mark.slow  # benchmarks time kernels (and compile some): never in the fast tier
 @pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
 def test_kernel(benchmark, case):
     impl = registry.get(case.variant, case.implementation)
