@@ -65,7 +65,7 @@ def profile_case(case: Case, out_dir: Path, calls: int = 3, seed: int = 0) -> di
     if case.params.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     slug = _slug(case.case_id)
-    # The direction's step: the kernel, its backward on a retained graph, or both (harness.measure).
+    # The direction's step: the kernel, its backward on a retained graph, or both (harness.prepare).
     training = case.params.direction != "fwd"
     with torch.enable_grad() if training else torch.inference_mode():
         step = prepared.step()

@@ -1,7 +1,7 @@
 """A run: its folder (lock, env.json, records, CSV), resume, progress, and the executor that measures.
 
 Records are flushed to disk one by one as cases end, so an interrupted run loses no finished case
-and `--resume` runs only the missing ones. How a case is measured is harness.measure's business;
+and `--resume` runs only the missing ones. How a case is measured is harness.case_runner's business;
 where it runs (here, submitit jobs, Ray tasks) is the executor's.
 """
 

@@ -2,7 +2,7 @@
 
 A case runs in a spawned process so that a kernel that crashes, hangs or exhausts memory takes only
 the worker down: the parent turns what happened into an outcome (crash, timeout, oom) and starts a
-fresh worker for the next case. What a request means is the handler's business (harness.measure);
+fresh worker for the next case. What a request means is the handler's business (harness.case_runner);
 this module only moves requests and replies and watches the process.
 """
 
