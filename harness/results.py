@@ -289,6 +289,11 @@ def new_record(suite: str, variant: str, implementation: str, case_id: str, para
     return Record(suite=suite, variant=variant, implementation=implementation, case_id=case_id, params=params, **fields)
 
 
+def jsonl_line(record: Record | dict) -> str:
+    """One line of results.jsonl (and of a shard file): the record's stored JSON object."""
+    return json.dumps(as_record(record).as_dict(), allow_nan=False) + "\n"
+
+
 def as_record(data: dict | Record) -> Record:
     """A stored JSON object (any schema version) as a Record."""
     return data if isinstance(data, Record) else Record.model_validate(data)
@@ -343,9 +348,8 @@ class RunFolder:
         self._jsonl.seek(0, os.SEEK_END)
 
     def append(self, record: Record | dict) -> None:
-        line = json.dumps(as_record(record).as_dict(), allow_nan=False)
         try:
-            self._jsonl.write(line + "\n")
+            self._jsonl.write(jsonl_line(record))
             self._jsonl.flush()
             os.fsync(self._jsonl.fileno())
         except OSError as exc:
@@ -354,6 +358,14 @@ class RunFolder:
                 f"{self.path / JSONL}: cannot write the record of {record.get('case_id')}: "
                 f"{exc.strerror}; records written so far are kept"
             ) from None
+
+    def rewrite(self, records: list[Record]) -> None:
+        """Replace every record at once (a run re-judged against raised ceilings): atomically, so a reader
+        sees the old file or the new one, and later appends go to the new file."""
+        path = self.path / JSONL
+        write_atomically(path, "".join(jsonl_line(r) for r in records))
+        self._jsonl.close()
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
 
     def write_json(self, name: str, data: dict) -> None:
         write_atomically(self.path / name, json.dumps(_clean(data), indent=2, allow_nan=False))

@@ -7,7 +7,6 @@ where it runs (here, submitit jobs, Ray tasks) is the executor's.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +25,6 @@ from harness.results import (
     Status,
     case_key,
     read_records,
-    write_atomically,
     write_csv,
 )
 from harness.roofline import attach
@@ -157,13 +155,11 @@ def run_suite(
                 progress.stop()
         if raised:
             # Records written before a ceiling was raised were judged against the low one: judge them
-            # again and rewrite the file whole (atomically: a reader sees the old file or the new one).
+            # again and rewrite the file whole.
             for record in result.records:
                 key = (record.params.get("device"), record.params.get("threads"))
                 if key in raised:
                     attach(record, ceilings[key])
-            write_atomically(
-                out / JSONL, "".join(json.dumps(r.as_dict(), allow_nan=False) + "\n" for r in result.records)
-            )
+            folder.rewrite(result.records)
         write_csv(result.records, out / "results.csv")
     return result
