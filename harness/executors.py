@@ -17,7 +17,6 @@ suite runs on CUDA) and runs its cases sequentially; submitit's local executor g
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -36,6 +35,7 @@ from harness.results import (
     Status,
     as_record,
     case_key,
+    jsonl_line,
     new_record,
     parse_records,
     read_records,
@@ -98,7 +98,7 @@ def run_shard(
             made.append(records)
             if f is not None:
                 # One write per case, so that the parent never reads half of a task's metric records.
-                f.write("".join(json.dumps(record, allow_nan=False) + "\n" for record in records))
+                f.write("".join(jsonl_line(record) for record in made_records))
                 f.flush()
                 os.fsync(f.fileno())
             if sink is not None:
@@ -250,8 +250,6 @@ def new_worker(tree: str | Path | None = None, allocator: str = "fixed") -> Work
 
 def worker_names(worker: Any) -> dict[str, list[str]]:
     """The implementations registered in a worker's source tree, per variant."""
-    from harness.errors import InputError
-
     reply = worker.run(NamesRequest(), timeout_s=120, memory_limit=None)
     if isinstance(reply, Outcome):
         raise InputError(f"cannot list implementations in {worker.tree or 'this tree'}: {reply.reason}")
@@ -266,41 +264,30 @@ def measure_one(worker: Any, case: Case, request: CaseRequest | TaskRequest, lim
     return worker.run(request, limits.timeout_s, limits.memory_bytes)
 
 
-def measure_cases(
-    suite: Suite,
-    cases: list[Case],
-    emit: Callable[[Case, list[Record]], None],
-    on_start: Callable[[Case], None] | None = None,
-) -> int:
-    """Measure `cases` one after another in a worker process, handing each case's records to `emit`.
-
-    Returns how many worker processes it started (1 unless a case crashed, hung or leaked).
-    """
-    worker = new_worker(allocator=suite.timing.allocator)
-    interrupted = False
-    try:
-        for case in cases:
-            if on_start is not None:
-                on_start(case)
-            outcome = measure_one(worker, case, request_for(case, suite), suite.limits)
-            emit(case, records_of(suite.name, case, outcome))
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        worker.stop(kill=interrupted)
-    return worker.starts
-
-
 class LocalExecutor:
     """Here, one case at a time, in the harness's worker processes."""
 
     def __init__(self, suite: Suite, on_start: Callable[[Case], None] | None = None) -> None:
         self.suite, self.on_start = suite, on_start
-        self.worker_starts = 0
+        self.worker_starts = 0  # 1 a run unless a case crashed, hung or leaked
 
     def run(self, cases: list[Case], emit: Emit) -> None:
-        self.worker_starts += measure_cases(self.suite, cases, emit, on_start=self.on_start)
+        """Measure `cases` one after another in a worker process, handing each case's records to `emit`."""
+        suite = self.suite
+        worker = new_worker(allocator=suite.timing.allocator)
+        interrupted = False
+        try:
+            for case in cases:
+                if self.on_start is not None:
+                    self.on_start(case)
+                outcome = measure_one(worker, case, request_for(case, suite), suite.limits)
+                emit(case, records_of(suite.name, case, outcome))
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            worker.stop(kill=interrupted)
+            self.worker_starts += worker.starts
 
 
 class _Distributed:
