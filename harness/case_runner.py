@@ -70,12 +70,7 @@ class CaseRunner:
     def held_bytes(self) -> int:
         """Bytes of the tensors this runner keeps between cases (inputs, references): the harness's, not
         a kernel's, so the worker's leak judgement leaves them out."""
-        import torch
-
-        tensors: list[Any] = []
-        if self._inputs is not None:
-            tensors += [t for t in self._inputs.args if isinstance(t, torch.Tensor)]
-            tensors += [t for t in self._inputs.kwargs.values() if isinstance(t, torch.Tensor)]
+        tensors: list[Any] = [] if self._inputs is None else self._inputs.tensors()
         if self._baseline is not None:
             tensors += [self._baseline.reference, self._baseline.naive_output]
         if self._grad_baseline is not None:

@@ -68,18 +68,17 @@ class Inputs:
 
         return Inputs(tuple(leaf(a) for a in self.args), dict(self.kwargs))
 
-    @property
-    def nbytes(self) -> int:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the call, the gate's weights and tensor keyword arguments included."""
         import torch
 
-        def size(obj: Any) -> int:
-            if isinstance(obj, torch.Tensor):
-                return obj.numel() * obj.element_size()
+        found: list[torch.Tensor] = []
+        for obj in (*self.args, *self.kwargs.values()):
             if isinstance(obj, GateWeights):
-                return sum(size(t) for t in obj.tensors())
-            return 0
-
-        return sum(size(a) for a in self.args) + sum(size(a) for a in self.kwargs.values())
+                found.extend(obj.tensors())
+            elif isinstance(obj, torch.Tensor):
+                found.append(obj)
+        return found
 
 
 @dataclass(frozen=True)
