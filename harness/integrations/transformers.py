@@ -45,9 +45,8 @@ UNSUPPORTED = {
     "sinks": "attention sinks",
     "position_bias": "a position bias added to the scores",
 }
-# What transformers passes that the harness's kernels need not see: the window is already in the mask
-# (sdpa_mask folds it in), the rest is bookkeeping.
-IGNORED = {"sliding_window", "output_attentions", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"}
+# Everything else transformers passes is left unread: a sliding window and packed sequences are already
+# in the boolean mask (sdpa_mask folds them in), the rest is bookkeeping.
 
 
 class _Clock:
