@@ -211,64 +211,50 @@ def _requests(name: str, lengths: list[int]):
     ]
 
 
-@pytest.mark.slow
-def test_a_one_time_600_mib_cache_keeps_its_worker(faulty_plugins):
+@pytest.fixture
+def worker(faulty_plugins):
+    """A measuring worker that sees tests/plugins/faulty.py, stopped after the test."""
     from harness.executors import new_worker
 
-    worker = new_worker()
-    try:
-        replies = [worker.run(r, timeout_s=120, memory_limit=None) for r in _requests("caches_once", [16, 32, 48])]
-        assert [r.status for r in replies] == ["ok"] * 3, [r.reason for r in replies]
-        assert not any(r.fields.get("leak_note") for r in replies)
-        assert worker.starts == 1
-    finally:
-        worker.stop()
+    started = new_worker()
+    yield started
+    started.stop()
+
+
+def _run(worker, name: str, n: int):
+    return worker.run(_requests(name, [n])[0], timeout_s=120, memory_limit=None)
 
 
 @pytest.mark.slow
-def test_a_kernel_that_leaks_100_mib_per_call_is_replaced_after_its_own_case(faulty_plugins):
-    from harness.executors import new_worker
-
-    worker = new_worker()
-    try:
-        leaky, after = _requests("leaks_100mib", [16])[0], _requests("caches_once", [16])[0]
-        reply = worker.run(leaky, timeout_s=120, memory_limit=None)
-        assert reply.status == "ok" and "worker replaced" in reply.fields["leak_note"]
-        assert worker.run(after, timeout_s=120, memory_limit=None).status == "ok"
-        assert worker.starts == 2  # the case after the leak ran in a fresh process
-    finally:
-        worker.stop()
+def test_a_one_time_600_mib_cache_keeps_its_worker(worker):
+    replies = [_run(worker, "caches_once", n) for n in (16, 32, 48)]
+    assert [r.status for r in replies] == ["ok"] * 3, [r.reason for r in replies]
+    assert not any(r.fields.get("leak_note") for r in replies)
+    assert worker.starts == 1
 
 
 @pytest.mark.slow
-def test_a_one_time_set_up_is_not_a_leak_whichever_case_of_the_worker_it_is(faulty_plugins):
+def test_a_kernel_that_leaks_100_mib_per_call_is_replaced_after_its_own_case(worker):
+    reply = _run(worker, "leaks_100mib", 16)
+    assert reply.status == "ok" and "worker replaced" in reply.fields["leak_note"]
+    assert _run(worker, "caches_once", 16).status == "ok"
+    assert worker.starts == 2  # the case after the leak ran in a fresh process
+
+
+@pytest.mark.slow
+def test_a_one_time_set_up_is_not_a_leak_whichever_case_of_the_worker_it_is(worker):
     """[caches_once, sdpa, leaks_100mib, naive] over four shapes: after each leaky case's worker is
     replaced, the new worker's first case is caches_once again, whose 600 MiB table is set-up there."""
-    from harness.executors import new_worker
-
-    worker = new_worker()
-    try:
-        names = ["caches_once", "sdpa", "leaks_100mib", "naive"]
-        replies = {}
-        for n in (16, 32, 48, 64):
-            for name in names:
-                replies[name, n] = worker.run(_requests(name, [n])[0], timeout_s=120, memory_limit=None)
-        assert all(r.status == "ok" for r in replies.values()), {k: r.reason for k, r in replies.items()}
-        noted = {name for (name, _), r in replies.items() if r.leak_note}
-        assert noted == {"leaks_100mib"}
-        assert worker.starts == 1 + 4  # one replacement after each leaky case, none for the cache
-    finally:
-        worker.stop()
+    names = ["caches_once", "sdpa", "leaks_100mib", "naive"]
+    replies = {(name, n): _run(worker, name, n) for n in (16, 32, 48, 64) for name in names}
+    assert all(r.status == "ok" for r in replies.values()), {k: r.reason for k, r in replies.items()}
+    noted = {name for (name, _), r in replies.items() if r.leak_note}
+    assert noted == {"leaks_100mib"}
+    assert worker.starts == 1 + 4  # one replacement after each leaky case, none for the cache
 
 
 @pytest.mark.slow
-def test_growth_across_cases_of_one_implementation_is_a_leak(faulty_plugins):
-    from harness.executors import new_worker
-
-    worker = new_worker()
-    try:
-        replies = [worker.run(r, timeout_s=120, memory_limit=None) for r in _requests("caches_per_shape", [16, 32, 48])]
-        assert [bool(r.leak_note) for r in replies] == [False, False, True]  # set-up, +300 MiB, +600 MiB
-        assert "after the later cases of caches_per_shape" in replies[2].leak_note
-    finally:
-        worker.stop()
+def test_growth_across_cases_of_one_implementation_is_a_leak(worker):
+    replies = [_run(worker, "caches_per_shape", n) for n in (16, 32, 48)]
+    assert [bool(r.leak_note) for r in replies] == [False, False, True]  # set-up, +300 MiB, +600 MiB
+    assert "after the later cases of caches_per_shape" in replies[2].leak_note
