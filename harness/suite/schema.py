@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model,
 
 from harness.errors import did_you_mean
 from harness.shapes import AXES, DEFAULTS, PARAM_AXES, Axis, Params
+from harness.worker import ALLOCATORS
 
 Measure = Literal["time", "memory", "accuracy"]
 
@@ -90,7 +91,7 @@ class Timing(_Strict):
     mode: Literal["events", "cudagraph", "profiler"] = "events"
     # The workers' glibc allocator: `fixed` mmap/trim thresholds (repeatable samples), or `default` as a
     # user's own process has it; the regime moves some rankings by 10-25% (README, "Allocator").
-    allocator: Literal["fixed", "default"] = "fixed"
+    allocator: Literal[ALLOCATORS] = "fixed"  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _consistent(self) -> Timing:
