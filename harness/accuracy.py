@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.variants import Inputs, Variant, restrict_mask
+from harness.variants import Inputs, Variant, combine_masks, position_bias, reference_doc_ids
 
 NAIVE_FACTOR = 2.0
 # Beyond this many score elements (B·H·Nq·Nkv) the check uses an evenly strided subset of query rows:
@@ -132,22 +132,54 @@ def check_rows(variant: Variant, inputs: Inputs) -> slice | None:
     return slice(0, q.shape[2], step)
 
 
-def row_subset(inputs: Inputs, rows: slice, causal_offset: int = 0) -> Inputs:
-    """The same problem restricted to some query rows, with causality made an explicit mask
-    (query i sees keys j <= i + causal_offset: the variant's alignment, Variant.causal_offset)."""
+# The kernel keywords that place a query row: the explicit-mask subsets below turn them into a mask.
+POSITIONAL_KWARGS = ("causal", "window", "alibi_slopes", "cu_seqlens")
+
+
+def explicit(
+    inputs: Inputs,
+    rows: slice,
+    causal_offset: int = 0,
+    dtype: torch.dtype | None = None,
+    batch: slice | None = None,
+    heads: slice | None = None,
+) -> Inputs:
+    """The same problem restricted to some query rows (and batch rows and heads), with everything that
+    depends on a row's position (causality, window, ALiBi, documents; query i sits at i + causal_offset,
+    the variant's alignment) made one explicit additive mask in `dtype` (float64 by default: the
+    reference's; a kernel's own dtype for naive's side). Softcap, elementwise, stays a keyword."""
     q, k, v = inputs.args
-    kwargs = dict(inputs.kwargs)
-    mask, causal = kwargs.pop("mask", None), kwargs.pop("causal", False)
+    batch, heads = batch or slice(None), heads or slice(None)
+    kwargs = {key: value for key, value in inputs.kwargs.items() if key not in POSITIONAL_KWARGS}
+    mask = kwargs.pop("mask", None)
     ids = torch.arange(q.shape[2], device=q.device)[rows]
-    if mask is not None and mask.shape[-2] != 1:
-        mask = mask[..., rows, :]
-    if causal:
-        # Built here, not with the kernels' mask helpers: the check shares no code with what it judges.
-        allowed = torch.arange(k.shape[2], device=q.device)[None, :] <= ids[:, None] + causal_offset
-        mask = restrict_mask(mask, allowed)
     if mask is not None:
-        kwargs["mask"] = mask
-    return Inputs((q[:, :, rows], k, v), kwargs)
+        mask = mask if mask.shape[-2] == 1 else mask[..., rows, :]
+        mask = mask.expand(q.shape[0], q.shape[1], len(ids), k.shape[2])[batch, heads]
+    slopes = inputs.kwargs.get("alibi_slopes")
+    cu = inputs.kwargs.get("cu_seqlens")
+    # Built here, not with the kernels' mask helpers: the check shares no code with what it judges.
+    bias = position_bias(
+        ids,
+        k.shape[2],
+        offset=causal_offset,
+        causal=bool(inputs.kwargs.get("causal", False)),
+        window=inputs.kwargs.get("window"),
+        alibi_slopes=None if slopes is None else slopes[heads],
+        doc_ids=None if cu is None else reference_doc_ids(cu, q.shape[0], q.shape[2])[batch],
+        dtype=dtype,
+    )
+    mask = combine_masks(mask, bias)
+    if mask is not None:
+        kwargs["mask"] = mask if dtype is None or mask.dtype == torch.bool else mask.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    kv_heads = heads if heads == slice(None) else slice(heads.start // group, heads.start // group + 1)
+    return Inputs((q[batch, heads][:, :, rows], k[batch, kv_heads], v[batch, kv_heads]), kwargs)
+
+
+def row_subset(inputs: Inputs, rows: slice, causal_offset: int = 0, dtype: torch.dtype | None = None) -> Inputs:
+    """The same problem restricted to some query rows, positions made an explicit mask (see `explicit`)."""
+    return explicit(inputs, rows, causal_offset, dtype)
 
 
 @dataclass
@@ -171,13 +203,15 @@ def baseline(variant: Variant, inputs: Inputs, naive_fn) -> Baseline:
     """Compute the float64 reference and naive-in-dtype output once per case shape."""
     rows = check_rows(variant, inputs)
     if rows is None:
-        subset = inputs
+        subset = naive_subset = inputs
     else:
         q, k, _ = inputs.args
-        subset = row_subset(inputs, rows, variant.causal_offset(q.shape[2], k.shape[2]))
+        offset = variant.causal_offset(q.shape[2], k.shape[2])
+        subset = row_subset(inputs, rows, offset)  # float64 positions for the reference
+        naive_subset = row_subset(inputs, rows, offset, q.dtype)  # what a user of naive would pass
     with torch.no_grad():
         reference = variant.reference(subset)
-        naive_output = subset.call(naive_fn)
+        naive_output = naive_subset.call(naive_fn)
     # The output is a convex combination of v's rows (of x, times a sigmoid, for the gate).
     scaled = inputs.args[2] if variant.kind == "dot_product" else inputs.args[0]
     magnitude = float(scaled.detach().abs().max()) if scaled.numel() else 1.0
@@ -251,22 +285,20 @@ def reference_grads(variant: Variant, inputs: Inputs, dout: torch.Tensor) -> dic
         names = ("w_g", "b_g", "w_x", "b_x", "w_psi", "b_psi")
         return {"dx": x64.grad, "dg": g64.grad} | {f"d{n}": t.grad for n, t in zip(names, w64.tensors(), strict=True)}
     q, k, v = inputs.args
-    mask = inputs.kwargs.get("mask")
     grads = {
         name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
         for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True)
     }
     group = q.shape[1] // k.shape[1]  # query heads per kv head (1 without grouped-query attention)
-    full_mask = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    offset = variant.causal_offset(q.shape[2], k.shape[2])
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             hk = h // group
-            leaves = [as64(q[b : b + 1, h : h + 1]), as64(k[b : b + 1, hk : hk + 1]), as64(v[b : b + 1, hk : hk + 1])]
-            kwargs = dict(inputs.kwargs)
-            if full_mask is not None:
-                kwargs["mask"] = full_mask[b : b + 1, h : h + 1]
+            # One (batch row, head) with its positions as an explicit mask (its ALiBi slope, its documents).
+            one = explicit(inputs, slice(None), offset, batch=slice(b, b + 1), heads=slice(h, h + 1))
+            leaves = [as64(t) for t in one.args]
             with torch.enable_grad():
-                variant.reference(Inputs(tuple(leaves), kwargs)).backward(dout[b : b + 1, h : h + 1].double())
+                variant.reference(Inputs(tuple(leaves), one.kwargs)).backward(dout[b : b + 1, h : h + 1].double())
             grads["dq"][b, h] = leaves[0].grad[0, 0]
             grads["dk"][b, hk] += leaves[1].grad[0, 0]  # a kv head's gradient sums over its query heads
             grads["dv"][b, hk] += leaves[2].grad[0, 0]

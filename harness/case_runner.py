@@ -132,7 +132,10 @@ class CaseRunner:
         result: dict[str, Any] = {
             "threads_used": torch.get_num_threads(),
             "source_file": inspect.getsourcefile(case.impl.fn),  # which tree's kernel was measured
+            **work_of(request.variant, params, request.seed),
         }
+        if case.setup_s is not None:
+            result["setup_s"] = case.setup_s
         output, result["first_call_s"] = self._first_call(case)
         # Memory held after the first call is the kernel's one-time set-up (CUDA context, handles,
         # compiled code, caches); what the process gains after it, over many calls, is a leak.
@@ -234,7 +237,8 @@ class CaseRunner:
                 # step, 280-288 MiB on every later one), and the peak a training loop sees is the later one.
                 step()
             if "memory" in measure:
-                result["peak_memory_bytes"] = peak_memory(step, params.device)
+                # What the implementation's setup holds for its calls (a dense mask) is its memory too.
+                result["peak_memory_bytes"] = peak_memory(step, params.device) + case.setup_bytes
             if "time" in measure:
                 try:
                     stats = time_callable(step, request.timing, params.device)
@@ -253,6 +257,21 @@ class CaseRunner:
                 f"the worker held {grown / 2**20:.0f} MiB more (malloc in use) after this case's calls than "
                 "after its first call; worker replaced"
             )
+
+
+def work_of(variant: str, params: Params, seed: int) -> dict[str, Any]:
+    """What a case's masks leave of the dense work (density) and the documents' lengths it packs."""
+    from harness import shapes
+    from harness.variants import get_variant
+
+    spec = get_variant(variant)
+    if spec.kind != "dot_product":
+        return {}
+    work: dict[str, Any] = {"density": spec.density(params, seed)}
+    lengths = shapes.document_lengths(params, seed)
+    if lengths is not None:
+        work["doc_lens"] = lengths
+    return work
 
 
 def derived(case: Prepared, stats: Any) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class Prepared:
     tokens: int
     bytes_moved: float
     dout: torch.Tensor | None = None  # the gradient a backward pass starts from (seeded like the inputs)
+    setup_s: float | None = None  # the implementation's per-case setup (Implementation.setup), None without one
+    setup_bytes: int = 0  # what that setup holds for the calls (a dense mask, a block mask)
 
     def call(self) -> torch.Tensor:
         return self.inputs.call(self.impl.fn)
@@ -89,7 +91,31 @@ def prepare(case: Case, seed: int = 0, inputs: Inputs | None = None) -> Prepared
     if params.direction != "fwd":
         inputs = inputs.with_grad()  # fresh leaves: each case's gradients are its own
         dout = make_dout(inputs.args[0], seed)
-    return Prepared(impl, inputs, params, spec.flops(params), spec.tokens(params), spec.bytes_moved(params), dout)
+    prepared = Prepared(
+        impl, inputs, params, spec.flops(params, seed), spec.tokens(params), spec.bytes_moved(params), dout
+    )
+    if impl.setup is not None:
+        run_setup(prepared)
+    return prepared
+
+
+def run_setup(case: Prepared) -> None:
+    """The implementation's per-case setup, once, outside the timed region: timed as setup_s, its result
+    passed to every call of this case (a fresh Inputs: the shape's shared inputs are not touched) and
+    freed with the case."""
+    import time
+
+    import torch
+
+    from harness.variants import Inputs
+
+    started = time.perf_counter()
+    extra = case.impl.setup(*case.inputs.args, **case.inputs.kwargs)
+    if case.params.device.startswith("cuda"):
+        torch.cuda.synchronize(case.params.device)
+    case.setup_s = time.perf_counter() - started
+    case.setup_bytes = sum(_tensor_bytes(value) for value in extra.values())
+    case.inputs = Inputs(case.inputs.args, {**case.inputs.kwargs, **extra})
 
 
 def make_dout(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -99,3 +125,17 @@ def make_dout(like: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 1)
     values = torch.randn(tuple(like.shape), generator=gen, dtype=torch.float32)
     return values.to(device=like.device, dtype=like.dtype)
+
+
+def _tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors a setup result holds: a tensor, or an object of tensors (flex's BlockMask)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(x) for x in obj)
+    fields = getattr(obj, "__dict__", None)
+    if fields:
+        return sum(t.numel() * t.element_size() for t in fields.values() if isinstance(t, torch.Tensor))
+    return 0

@@ -144,6 +144,12 @@ class Implementation:
     source: str = "builtin"
     # Compiles on its first call per shape (torch.compile, flex): the ETA and suites plan for it.
     compiles: bool = False
+    # The score modifiers (harness.shapes.MODIFIERS: window, softcap, alibi, documents) it applies; a case
+    # that sets another is unavailable, never silently computed without it.
+    mods: frozenset[str] = frozenset()
+    # setup(q, k, v, **kwargs) -> extra keyword arguments that depend only on the case's shape and
+    # modifiers (a block mask, a dense bias, a plan): called once per case outside the timed region.
+    setup: Callable[..., dict] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The kernel with its inputs checked first: for direct use (a kernel trusts its inputs)."""
@@ -159,11 +165,23 @@ class Implementation:
             ok, reason = self.check(device=device, dtype=dtype, **case)
         except Exception as exc:  # a broken availability check must not take the listing down
             return False, f"availability check failed: {type(exc).__name__}: {exc}"
+        if ok:
+            ok, reason = self._applies_modifiers(case)
         if ok and case.get("direction", "fwd") != "fwd" and device is not None:
             return backward_probe(
                 self, str(device), dtype or "float32", int(case.get("head_dim") or 64), bool(case.get("causal"))
             )
         return bool(ok), "" if ok else str(reason)
+
+    def _applies_modifiers(self, case: dict) -> tuple[bool, str]:
+        from harness.shapes import DEFAULTS, MODIFIERS
+
+        wanted = [name for name in MODIFIERS if case.get(name, DEFAULTS[name]) != DEFAULTS[name]]
+        missing = [name for name in wanted if name not in self.mods]
+        if missing:
+            has = ", ".join(sorted(self.mods)) or "none"
+            return False, f"{self.name} does not apply {' or '.join(missing)} (score modifiers it applies: {has})"
+        return True, ""
 
     def available_for(self, params: object, **extra: object) -> tuple[bool, str]:
         """Availability for one case's params (a harness.variants.Params)."""
@@ -186,18 +204,26 @@ def register(
     summary: str | None = None,
     available: AvailabilityCheck | None = None,
     compiles: bool = False,
+    mods: Iterable[str] = (),
+    setup: Callable[..., dict] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` under `name` for each of `variants`.
 
     The summary defaults to the first line of the function's docstring, so the listing and the
-    code say the same thing.
+    code say the same thing. `mods`: the score modifiers it applies (axis names: window, softcap,
+    alibi, documents); `setup`: its per-case preparation (see Implementation.setup).
     """
+    from harness.shapes import MODIFIERS
     from harness.variants import VARIANTS
 
     variants = tuple(variants)
     for variant in variants:
         if variant not in VARIANTS:
             raise unknown_name("variant", variant, VARIANTS)
+    mods = frozenset(mods)
+    for mod in mods:
+        if mod not in MODIFIERS:
+            raise unknown_name("score modifier", mod, MODIFIERS)
 
     def decorate(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -214,6 +240,8 @@ def register(
                 check=available or always_available,
                 source=source,
                 compiles=compiles,
+                mods=mods,
+                setup=setup,
             )
         return fn
 

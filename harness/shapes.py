@@ -7,7 +7,9 @@ should pay a torch import (several seconds) to answer "is this suite valid?".
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -33,17 +35,20 @@ class Axis:
     the reference.
     """
 
-    kind: type  # int, str or bool: what a value of the axis is
+    kind: type  # int, float, str or bool: what a value of the axis is
     doc: str
-    optional: bool = False  # None allowed: "derived" (kv_heads = heads, seq_len_kv = seq_len, ...)
-    gt: int | None = None  # integer bounds
-    le: int | None = None
+    optional: bool = False  # None allowed: "derived" (kv_heads = heads, seq_len_kv = seq_len, ...), or "off"
+    gt: float | None = None  # numeric bounds
+    le: float | None = None
     choices: tuple[str, ...] = ()  # the allowed strings (empty: any, or `pattern`)
     pattern: str = ""  # a regular expression a string value must match fully
     allowed: str = ""  # how `pattern` is put to a user ("cpu, cuda, cuda:N, mps")
     variants: tuple[str, ...] | None = None  # the variants it means something to (None: every variant)
     required: bool = False  # a sweep must give it (it has no sensible default)
     tag: Callable[[Any, Any], str] | None = None  # (value, params) -> its part of the case id; '' adds nothing
+    # A score modifier: the keyword argument kernels receive for it (window=, softcap=, alibi_slopes=,
+    # cu_seqlens=); an implementation runs a case that sets it only if it says it applies it.
+    kernel_kwarg: str = ""
 
 
 def axis(default: Any, kind: type, doc: str, **declaration: Any) -> Any:
@@ -53,6 +58,10 @@ def axis(default: Any, kind: type, doc: str, **declaration: Any) -> Any:
 
 def _kv_heads_tag(value: int | None, p: Params) -> str:
     return "" if value in (None, p.heads) else f"g{value}"  # h32g8: 32 query heads, 8 kv heads
+
+
+# The variants a window, softcap or ALiBi means something to (documents: only where Nq = Nkv).
+_MODIFIED = ("multi_head", "causal", "cross_attention", "decode")
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,50 @@ class Params:
         tag=lambda v, p: "" if v is None else f"-t{v}",
     )
     causal: bool = axis(False, bool, "causal mask", tag=lambda v, p: "-causal" if v else "")
+    # Score modifiers (DESIGN.md, "Score modifiers and packed documents"), applied in flash-attn's order:
+    # scale, softcap, ALiBi, then the window/document/causal masks. Aligned as the variant's causality:
+    # top-left, or bottom-right for decode.
+    window: int | None = axis(
+        None,
+        int,
+        "sliding window W: query i sees key j only when i - W <= j (and j <= i + W without causal)",
+        optional=True,
+        gt=-1,
+        le=1 << 24,
+        variants=_MODIFIED,
+        tag=lambda v, p: "" if v is None else f"-w{v}",
+        kernel_kwarg="window",
+    )
+    softcap: float | None = axis(
+        None,
+        float,
+        "soft-capping c: score <- c * tanh(score / c), after scaling (Gemma 2: 50)",
+        optional=True,
+        gt=0,
+        le=1e6,
+        variants=_MODIFIED,
+        tag=lambda v, p: "" if v is None else f"-softcap{v:g}",
+        kernel_kwarg="softcap",
+    )
+    alibi: bool = axis(
+        False,
+        bool,
+        "ALiBi: score <- score - slope_h * |i - j|, slopes 2^(-8(h+1)/H)",
+        variants=_MODIFIED,
+        tag=lambda v, p: "-alibi" if v else "",
+        kernel_kwarg="alibi_slopes",
+    )
+    documents: int | None = axis(
+        None,
+        int,
+        "packed documents K per batch row (seeded random lengths); attention stays inside a document",
+        optional=True,
+        gt=0,
+        le=1 << 24,
+        variants=("self_attention", "multi_head", "causal"),
+        tag=lambda v, p: "" if v is None else f"-docs{v}",
+        kernel_kwarg="cu_seqlens",
+    )
     direction: str = axis(
         "fwd",
         str,
@@ -142,6 +195,13 @@ PARAM_AXES: tuple[str, ...] = tuple(AXES)
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Params)}
 # A case's shape in the report's tables and plot groups: the variant, the direction, then every other axis.
 SHAPE_KEYS: tuple[str, ...] = ("variant", "direction", *(a for a in PARAM_AXES if a != "direction"))
+# The score modifiers: axis name -> the kernel keyword it becomes.
+MODIFIERS: dict[str, str] = {name: a.kernel_kwarg for name, a in AXES.items() if a.kernel_kwarg}
+
+
+def modifiers_set(p: Params) -> tuple[str, ...]:
+    """The modifier axes a case turns on (away from their default)."""
+    return tuple(name for name in MODIFIERS if getattr(p, name) != DEFAULTS[name])
 
 
 def inapplicable(variant: str, p: Params) -> str:
@@ -179,17 +239,70 @@ class Case:
         return case_id(self.variant, self.implementation, self.params)
 
 
-def dot_product_flops(p: Params) -> float:
-    """Two matmuls of 2·Nq·Nkv·D each per head for the forward (× 2.5 backward, × 3.5 both); a
-    causal mask skips half of the pairs."""
-    total = 4.0 * p.batch * p.heads * p.seq_len * p.kv_len * p.head_dim * ATTENTION_DIRECTION_FACTOR[p.direction]
-    return total / 2 if p.causal else total
+def document_lengths(p: Params, seed: int = 0) -> list[list[int]] | None:
+    """Each batch row's packed document lengths (None without `documents`): a uniformly random composition
+    of seq_len into `documents` positive parts, K - 1 distinct cut points drawn from the case's seed."""
+    if p.documents is None:
+        return None
+    if p.documents > p.seq_len:
+        raise ValueError(f"documents ({p.documents}) cannot exceed seq_len ({p.seq_len}): a document has a token")
+    rng = random.Random(seed)
+    lengths = []
+    for _ in range(p.batch):
+        cuts = [0, *sorted(rng.sample(range(1, p.seq_len), p.documents - 1)), p.seq_len]
+        lengths.append([b - a for a, b in itertools.pairwise(cuts)])
+    return lengths
 
 
-def decode_flops(p: Params) -> float:
+def visible_pairs(p: Params, seed: int = 0, bottom_right: bool = False) -> int:
+    """(query, key) pairs one head computes over the batch: what causality, the window and the documents
+    leave visible. Query i sits at position i (top-left) or Nkv - Nq + i (`bottom_right`, decode, which is
+    always causal: its new tokens follow the cache)."""
+    import numpy as np
+
+    n_q, n_kv = p.seq_len, p.kv_len
+    causal = p.causal or bottom_right
+    if p.window is None and p.documents is None:
+        if not causal:
+            return p.batch * n_q * n_kv
+        pos = np.arange(n_q, dtype=np.int64) + (n_kv - n_q if bottom_right else 0)
+        return p.batch * int(np.minimum(pos + 1, n_kv).sum())
+    pos = np.arange(n_q, dtype=np.int64) + (n_kv - n_q if bottom_right else 0)
+    lo = np.zeros(n_q, dtype=np.int64)
+    hi = np.full(n_q, n_kv - 1, dtype=np.int64)
+    if causal:
+        hi = np.minimum(hi, pos)
+    if p.window is not None:
+        lo = np.maximum(lo, pos - p.window)
+        if not causal:
+            hi = np.minimum(hi, pos + p.window)
+    rows = [(lo, hi)] * p.batch
+    lengths = document_lengths(p, seed)
+    if lengths is not None:
+        rows = []
+        for lens in lengths:
+            ends = np.cumsum(lens)
+            doc_end = np.repeat(ends, lens) - 1  # each token's document: its first and last position
+            doc_start = np.repeat(ends - np.asarray(lens), lens)
+            rows.append((np.maximum(lo, doc_start), np.minimum(hi, doc_end)))
+    return int(sum(np.clip(h - low + 1, 0, None).sum() for low, h in rows))
+
+
+def density(p: Params, seed: int = 0, bottom_right: bool = False) -> float:
+    """Visible pairs over all Nq x Nkv pairs: the share of the dense work a case needs."""
+    return visible_pairs(p, seed, bottom_right) / (p.batch * p.seq_len * p.kv_len)
+
+
+def dot_product_flops(p: Params, seed: int = 0, bottom_right: bool = False) -> float:
+    """Two matmuls of 2·D per visible (query, key) pair per head for the forward (× 2.5 backward, × 3.5
+    both): causality, a window and documents count only the pairs they leave (causal: N(N+1)/2)."""
+    pairs = visible_pairs(p, seed, bottom_right)
+    return 4.0 * p.heads * pairs * p.head_dim * ATTENTION_DIRECTION_FACTOR[p.direction]
+
+
+def decode_flops(p: Params, seed: int = 0) -> float:
     """Two matmuls per (query, key) pair a decode step computes: query i of Nq sees Nkv − Nq + i + 1 keys."""
-    pairs = p.seq_len * p.kv_len - p.seq_len * (p.seq_len - 1) / 2
-    return 4.0 * p.batch * p.heads * pairs * p.head_dim
+    return dot_product_flops(p, seed, bottom_right=True)
 
 
 def gate_channels(p: Params) -> tuple[int, int, int]:

@@ -132,8 +132,13 @@ class Variant:
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
         raise NotImplementedError
 
-    def flops(self, params: Params) -> float:
+    def flops(self, params: Params, seed: int = 0) -> float:
+        """FLOPs of one call (the documents' lengths, where a case has them, come from `seed`)."""
         raise NotImplementedError
+
+    def density(self, params: Params, seed: int = 0) -> float:
+        """The share of the dense work a case needs (1 without masks)."""
+        return 1.0
 
     def tokens(self, params: Params) -> int:
         return shapes.tokens(params)
@@ -174,7 +179,7 @@ class DotProductVariant(Variant):
             _positive(params, "seq_len_kv")
         if self.always_causal and not params.causal:
             params = replace(params, causal=True)
-        return params
+        return _check_modifiers(params)
 
     @staticmethod
     def _grouped(params: Params) -> Params:
@@ -201,10 +206,14 @@ class DotProductVariant(Variant):
         q = _randn((b, h, params.seq_len, d), gen, torch_type, device)
         k = _randn((b, params.kv_head_count, params.kv_len, d), gen, torch_type, device)  # (B, H_kv, Nkv, D)
         v = _randn((b, params.kv_head_count, params.kv_len, d), gen, torch_type, device)
-        return Inputs((q, k, v), {"causal": params.causal})
+        return Inputs((q, k, v), {"causal": params.causal, **modifier_kwargs(params, device, seed)})
 
-    def flops(self, params: Params) -> float:
-        return shapes.dot_product_flops(params)
+    def flops(self, params: Params, seed: int = 0) -> float:
+        return shapes.dot_product_flops(params, seed)
+
+    def density(self, params: Params, seed: int = 0) -> float:
+        """Visible (query, key) pairs over Nq·Nkv (harness.shapes.visible_pairs)."""
+        return shapes.density(params, seed)
 
     def bytes_moved(self, params: Params) -> float:
         return shapes.dot_product_bytes(params)
@@ -215,13 +224,12 @@ class DotProductVariant(Variant):
 
     def reference(self, inputs: Inputs) -> torch.Tensor:
         q, k, v = inputs.args
+        known = ("causal", "scale", "mask", *shapes.MODIFIERS.values())
         return reference_attention(
             q,
             k,
             v,
-            causal=inputs.kwargs.get("causal", False),
-            scale=inputs.kwargs.get("scale"),
-            mask=inputs.kwargs.get("mask"),
+            **{key: value for key, value in inputs.kwargs.items() if key in known},
             causal_offset=self.causal_offset(q.shape[2], k.shape[2]),
         )
 
@@ -262,30 +270,119 @@ class DecodeVariant(DotProductVariant):
             )
         if params.direction != "fwd":
             raise InputError(f"decode is inference: direction must be fwd, got {params.direction!r}")
-        return params
+        return _check_modifiers(params)
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
         inputs = super().make_inputs(params, dtype, device, seed)
-        return Inputs(inputs.args, {"causal": inputs.args[0].shape[2] > 1})
+        return Inputs(inputs.args, {**inputs.kwargs, "causal": inputs.args[0].shape[2] > 1})
 
-    def flops(self, params: Params) -> float:
-        return shapes.decode_flops(params)
+    def flops(self, params: Params, seed: int = 0) -> float:
+        return shapes.decode_flops(params, seed)
+
+    def density(self, params: Params, seed: int = 0) -> float:
+        return shapes.density(params, seed, bottom_right=True)
 
     def causal_offset(self, n_q: int, n_kv: int) -> int:
         """Bottom-right: the new tokens are the cache's last Nq positions."""
         return n_kv - n_q
 
 
-def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
-    """A mask (bool, additive or None) restricted to the boolean `allowed`: the reference side's own
-    copy of what implementations.masks.fold does, so that the ground truth shares no kernel code."""
+def _check_modifiers(params: Params) -> Params:
+    """The score modifiers' own rules (their applicability is the axes' declaration)."""
+    if params.window is not None and params.window < 0:
+        raise InputError(f"window must be >= 0 (keys a query sees behind it), got {params.window}")
+    if params.alibi and params.heads & (params.heads - 1):
+        raise InputError(
+            f"alibi's slopes 2^(-8(h+1)/H) are the ALiBi paper's for H a power of two; heads={params.heads} is not"
+        )
+    if params.documents is not None and params.documents > params.seq_len:
+        raise InputError(
+            f"documents ({params.documents}) cannot exceed seq_len ({params.seq_len}): each document has a token"
+        )
+    return params
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's per-head slopes, 2^(-8(h+1)/H) (exact powers of two when H is)."""
+    return [2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)]
+
+
+def modifier_kwargs(params: Params, device: str, seed: int = 0) -> dict[str, Any]:
+    """The kernel keyword arguments of a case's score modifiers (DESIGN.md): window=, softcap=,
+    alibi_slopes= (H,) float32, cu_seqlens= (B·K+1,) int32 over the flattened B·N tokens."""
     import torch
 
-    if mask is None:
-        return allowed
+    kwargs: dict[str, Any] = {}
+    if params.window is not None:
+        kwargs["window"] = params.window
+    if params.softcap is not None:
+        kwargs["softcap"] = float(params.softcap)
+    if params.alibi:
+        kwargs["alibi_slopes"] = torch.tensor(alibi_slopes(params.heads), dtype=torch.float32, device=device)
+    lengths = shapes.document_lengths(params, seed)
+    if lengths is not None:
+        flat = [n for row in lengths for n in row]
+        cu = torch.tensor([0, *flat], dtype=torch.int64).cumsum(0).to(torch.int32)
+        kwargs["cu_seqlens"] = cu.to(device)
+    return kwargs
+
+
+def reference_doc_ids(cu_seqlens: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """(B, N) document index of every token, from cu_seqlens over the flattened B·N tokens (the
+    reference's own copy: the ground truth shares no kernel code)."""
+    import torch
+
+    tokens = torch.arange(batch * n, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens.long(), tokens, right=True) - 1).view(batch, n)
+
+
+def position_bias(
+    row_ids: torch.Tensor,
+    n_kv: int,
+    *,
+    offset: int = 0,
+    causal: bool = False,
+    window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
+    """The position-dependent part of the scores for query rows `row_ids` (at positions row + offset) over
+    all Nkv keys, additive, float64 unless `dtype`: -inf where causality, the window or the documents hide
+    a key, -slope_h·|i - j| under ALiBi, else 0. Shape (B|1, H|1, rows, Nkv); None when nothing applies."""
+    import torch
+
+    if not causal and window is None and alibi_slopes is None and doc_ids is None:
+        return None
+    dtype = dtype or torch.float64
+    pos = (row_ids.to(torch.int64) + offset)[:, None]  # (rows, 1)
+    keys = torch.arange(n_kv, device=row_ids.device)[None, :]  # (1, Nkv)
+    allowed = torch.ones(pos.shape[0], n_kv, dtype=torch.bool, device=row_ids.device)
+    if causal:
+        allowed &= keys <= pos
+    if window is not None:
+        allowed &= keys >= pos - window
+        if not causal:
+            allowed &= keys <= pos + window
+    bias = torch.zeros((1, 1, *allowed.shape), dtype=dtype, device=row_ids.device)
+    if alibi_slopes is not None:
+        distance = (pos - keys).abs().to(dtype)
+        bias = -alibi_slopes.to(dtype)[None, :, None, None] * distance  # (1, H, rows, Nkv)
+    hidden = ~allowed[None, None]
+    if doc_ids is not None:  # (B, N): query and key in one document
+        hidden = hidden | (doc_ids[:, row_ids][:, None, :, None] != doc_ids[:, None, None, :n_kv])
+    return bias.masked_fill(hidden, float("-inf"))
+
+
+def combine_masks(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A user mask (bool or additive) and a position bias as one additive mask."""
+    import torch
+
+    if mask is None or bias is None:
+        return bias if mask is None else mask
     if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, float("-inf"))
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask.to(bias.dtype) + bias
 
 
 def reference_attention(
@@ -298,9 +395,15 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     rows: slice | None = None,
     causal_offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float64 softmax(q kᵀ · scale + mask) v, in query-row chunks; fully masked rows give zeros.
-    Under `causal`, query i sees keys j <= i + causal_offset (0: top-left; Nkv - Nq: decode's bottom-right).
+    """Float64 softmax(softcap(q kᵀ · scale) + ALiBi + mask) v, in query-row chunks; fully masked rows give
+    zeros. Query i sits at position i + causal_offset (0: top-left; Nkv - Nq: decode's bottom-right):
+    under `causal` it sees keys j <= that, under a window j >= that - W; ALiBi's distance and the
+    documents (cu_seqlens) are measured from it too.
 
     `rows` restricts the result to a slice of query rows (the runner samples rows of very long
     sequences); the returned tensor then holds only those rows.
@@ -315,6 +418,7 @@ def reference_attention(
     start, stop, step = rows.indices(n_q)
     k64, v64 = k.double(), v.double()
     row_ids = torch.arange(start, stop, step, device=q.device)
+    doc_ids = None if cu_seqlens is None else reference_doc_ids(cu_seqlens, batch, n_q)
     # Bound the float64 score block to ~32M elements (256 MiB).
     chunk = max(1, (32 << 20) // max(1, batch * heads * n_kv))
     out = []
@@ -324,12 +428,22 @@ def reference_attention(
         # (B=8 x 8 kv heads x 32k keys would be 2 GiB more per tensor).
         q_rows = q[:, :, idx].double().reshape(batch, kv_heads, group * len(idx), d)
         scores = torch.matmul(q_rows, k64.transpose(-2, -1)).view(batch, heads, len(idx), n_kv) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         if mask is not None:
             m = mask if mask.shape[-2] == 1 else mask[..., idx, :]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.double()
-        if causal:
-            allowed = torch.arange(n_kv, device=q.device)[None, :] <= idx[:, None] + causal_offset
-            scores = scores.masked_fill(~allowed, float("-inf"))
+        bias = position_bias(
+            idx,
+            n_kv,
+            offset=causal_offset,
+            causal=causal,
+            window=window,
+            alibi_slopes=alibi_slopes,
+            doc_ids=doc_ids,
+        )
+        if bias is not None:
+            scores = scores + bias
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
         weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
         grouped = weights.view(batch, kv_heads, group * len(idx), n_kv)
@@ -388,7 +502,7 @@ class GateVariant(Variant):
         ).to(dtype=torch_type, device=device)
         return Inputs((x, g, weights))
 
-    def flops(self, params: Params) -> float:
+    def flops(self, params: Params, seed: int = 0) -> float:
         return shapes.gate_flops(params)
 
     def bytes_moved(self, params: Params) -> float:

@@ -7,7 +7,9 @@ the kernels it judges.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -103,3 +105,142 @@ def bottom_right(kernel: Callable) -> Callable:
         return kernel(q, k, v, causal=False, scale=scale, mask=mask)
 
     return decode
+
+
+# ----------------------------------------------------------------------------- score modifiers
+
+
+def doc_ids(cu_seqlens: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """(B, N) index of each token's document, from cu_seqlens over the flattened B·N tokens."""
+    tokens = torch.arange(batch * n, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens.long(), tokens, right=True) - 1).view(batch, n)
+
+
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c · tanh(scores / c): Gemma 2's soft-capping, after scaling and before any mask."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where a call's queries and keys sit and what each query may see: causality, a window, documents
+    (and ALiBi's distance). Query i sits at position i + offset (0: top-left; Nkv - Nq: decode)."""
+
+    n_q: int
+    n_kv: int
+    offset: int = 0
+    causal: bool = False
+    window: int | None = None
+    alibi_slopes: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    batch: int = 1
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but (at most) plain top-left causality: the kernels' fast paths."""
+        return self.offset == 0 and self.window is None and self.alibi_slopes is None and self.cu_seqlens is None
+
+    @functools.cached_property
+    def docs(self) -> torch.Tensor | None:
+        return None if self.cu_seqlens is None else doc_ids(self.cu_seqlens, self.batch, self.n_q)
+
+    @functools.cached_property
+    def bounds(self) -> list[list[tuple[int, int]]] | None:
+        """Per batch row, each token's document as (first, last + 1), as host lists (tile ranges)."""
+        if self.cu_seqlens is None:
+            return None
+        cu = self.cu_seqlens.tolist()
+        rows: list[list[tuple[int, int]]] = [[] for _ in range(self.batch)]
+        for start, stop in itertools.pairwise(cu):
+            b = start // self.n_q
+            rows[b].extend([(start - b * self.n_q, stop - b * self.n_q)] * (stop - start))
+        return rows
+
+    def key_range(self, b: int, i: int, n: int) -> tuple[int, int]:
+        """The keys query rows i..i+n-1 of batch row b may see, as [lo, hi): a tile loop's bounds."""
+        first, last = i + self.offset, i + n - 1 + self.offset
+        lo, hi = 0, self.n_kv
+        if self.causal:
+            hi = min(hi, last + 1)
+        if self.window is not None:
+            lo = max(lo, first - self.window)
+            if not self.causal:
+                hi = min(hi, last + self.window + 1)
+        if self.bounds is not None:
+            lo, hi = max(lo, self.bounds[b][i][0]), min(hi, self.bounds[b][i + n - 1][1])
+        return lo, max(lo, hi)
+
+    def all_visible(self, b: int, i: int, n: int, j: int, w: int) -> bool:
+        """Whether every row of i..i+n-1 sees every key of j..j+w-1 (no mask needed for that tile)."""
+        first, last = i + self.offset, i + n - 1 + self.offset
+        if self.causal and j + w - 1 > first:
+            return False
+        edge = None if self.window is None else (last - self.window, first + self.window)
+        if edge is not None and (j < edge[0] or (not self.causal and j + w - 1 > edge[1])):
+            return False
+        if self.bounds is not None:
+            doc = self.bounds[b][i]
+            if self.bounds[b][i + n - 1] != doc or j < doc[0] or j + w > doc[1]:
+                return False
+        return True
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor, b: slice | int | None = None) -> torch.Tensor | None:
+        """Boolean (B|1, rows, cols), True = visible, for query rows `rows` and keys `cols` (batch rows `b`
+        of the documents: all by default); None when everything is visible."""
+        pos, keys = (rows + self.offset)[:, None], cols[None, :]
+        allowed = None
+
+        def both(x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+            return y if x is None else x & y
+
+        if self.causal:
+            allowed = both(allowed, keys <= pos)
+        if self.window is not None:
+            allowed = both(allowed, keys >= pos - self.window)
+            if not self.causal:
+                allowed = both(allowed, keys <= pos + self.window)
+        allowed = None if allowed is None else allowed[None]
+        if self.docs is not None:
+            docs = self.docs if b is None else self.docs[b : b + 1] if isinstance(b, int) else self.docs[b]
+            allowed = both(allowed, docs[:, rows, None] == docs[:, None, cols])
+        return allowed
+
+    def bias(self, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """ALiBi's -slope_h·|i - j| as (1, H, rows, cols) in `dtype`; None without ALiBi."""
+        if self.alibi_slopes is None:
+            return None
+        distance = ((rows + self.offset)[:, None] - cols[None, :]).abs().to(dtype)
+        return -self.alibi_slopes.to(dtype)[None, :, None, None] * distance
+
+    def mask(self, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Everything positional as one mask (B|1, H|1, rows, cols): boolean, or additive under ALiBi."""
+        allowed = self.allowed(rows, cols)
+        bias = self.bias(rows, cols, dtype)
+        if bias is None:
+            return None if allowed is None else allowed[:, None]
+        return bias if allowed is None else bias.masked_fill(~allowed[:, None], float("-inf"))
+
+
+def positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    offset: int = 0,
+    window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> Positions:
+    return Positions(q.shape[2], k.shape[2], offset, causal, window, alibi_slopes, cu_seqlens, q.shape[0])
+
+
+def merge(mask: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """Two masks (each bool or additive, or None) as one: bool if both are, else additive."""
+    if mask is None or extra is None:
+        return extra if mask is None else mask
+    if mask.dtype == torch.bool and extra.dtype == torch.bool:
+        return mask & extra
+    if mask.dtype == torch.bool:
+        return extra.masked_fill(~mask, float("-inf"))
+    if extra.dtype == torch.bool:
+        return mask.masked_fill(~extra, float("-inf"))
+    return mask + extra

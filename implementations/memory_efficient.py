@@ -32,7 +32,8 @@ import torch
 
 from harness.registry import register, register_tuner
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right
+from implementations.masks import Positions, positions
+from implementations.naive import MODS
 
 LOG2E = 1.4426950408889634
 # A score tile holds at most this many elements per head group on a CPU (float32: 4 MiB).
@@ -47,6 +48,8 @@ TILE_CANDIDATES = ((1024, 512), (512, 512), (1024, 256), (2048, 256), (512, 256)
 TILES_ENV = "HARNESS_TILES"  # "1024x512": fixed CPU tiles, no tuning
 TUNING_MARGIN = 0.05  # a candidate must beat DEFAULT_TILES by this much to replace them
 BACKWARD_TILE = 512
+# The fewest query rows per tile when a window or documents shrink the tiles (see _window_tiles).
+MIN_WINDOW_TILE = 64
 # On a GPU every head is in one group and a score tile (heads x rows x keys) holds at most this many
 # elements (float32: 32 MiB, about an H100's L2), with keys per tile fixed; rows fill the rest.
 CUDA_TILE_ELEMENTS = 1 << 23
@@ -173,11 +176,11 @@ def tune_tiles(
     times: dict[tuple[int, int], list[float]] = {c: [] for c in candidates}
     with torch.inference_mode():
         for tiles in candidates:
-            _forward(q, k, v, False, scale, None, tiles)  # warm-up: allocator, thread pool
+            _forward(q, k, v, _dense(q, k), scale, None, tiles)  # warm-up: allocator, thread pool
         for _ in range(rounds):
             for tiles in candidates:
                 started = time.perf_counter()
-                _forward(q, k, v, False, scale, None, tiles)
+                _forward(q, k, v, _dense(q, k), scale, None, tiles)
                 times[tiles].append(time.perf_counter() - started)
     medians = {c: statistics.median(t) for c, t in times.items()}
     best = min(candidates, key=medians.__getitem__)
@@ -219,6 +222,7 @@ def _query_tile(
     tiles: list[tuple[int, int, list[torch.Tensor]]],
     scores_buffer: torch.Tensor,
     exact: bool,
+    softcap2: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One query tile's unnormalised output with its row sums in the last column, and the maximum
     (base 2) they are relative to, for the log-sum-exp the backward needs.
@@ -235,11 +239,16 @@ def _query_tile(
         s = scores_buffer[: g * n * w].view(g, n, w)
         k_j, v_j = k_t[:, :, j : j + w], v_ones[:, j : j + w]
         if neg_offset is not None:
-            torch.baddbmm(neg_offset, q_i, k_j, out=s)
+            if softcap2 is None:
+                torch.baddbmm(neg_offset, q_i, k_j, out=s)
+            else:  # the cap is nonlinear in the score: applied before the maximum comes off
+                _softcap_(torch.bmm(q_i, k_j, out=s), softcap2).add_(neg_offset)
             _apply_masks(s, masks)
             acc.baddbmm_(s.exp2_(), v_j)
             continue
         torch.bmm(q_i, k_j, out=s)
+        if softcap2 is not None:
+            _softcap_(s, softcap2)
         _apply_masks(s, masks)
         new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
         offset = new_max.masked_fill(torch.isneginf(new_max), 0.0)
@@ -252,44 +261,55 @@ def _query_tile(
     return acc, row_max.masked_fill(torch.isneginf(row_max), 0.0)  # (G, n, D + 1), (G, n, 1)
 
 
-def _diagonal_mask(i: int, n: int, j: int, w: int, device: torch.device) -> torch.Tensor:
-    rows = torch.arange(i, i + n, device=device)[:, None]
-    return torch.arange(j, j + w, device=device) <= rows  # (n, w), top-left causal
+def _softcap_(s: torch.Tensor, cap2: float) -> torch.Tensor:
+    """Soft-capping in base 2, in place: scores are s·log2(e), so the cap is c·log2(e) too."""
+    return s.div_(cap2).tanh_().mul_(cap2)
 
 
-def _key_tiles(i: int, n: int, n_kv: int, k_tile: int, causal: bool, mask_rows, ratio: int, device) -> list:
-    """The key tiles query rows i..i+n see: (start, width, masks), causal tiles above the diagonal skipped.
+def _key_tiles(where: Positions, b: int, i: int, n: int, k_tile: int, mask_rows, ratio: int, slopes, device) -> list:
+    """The key tiles query rows i..i+n of batch row b see: (start, width, masks). Only the keys causality,
+    the window and the documents leave are visited (the tile loop's bounds follow them: the work follows
+    `density`); a tile some of whose pairs are hidden gets a boolean mask, ALiBi an additive one.
 
     Masks come folded like the queries: (kv heads, ratio · n, w), the ratio query heads of a kv head
-    stacked row-wise (harness's grouped-query layout; ratio 1 without grouping).
+    stacked row-wise (harness's grouped-query layout; ratio 1 without grouping). `slopes`: the ALiBi
+    slopes of this tile's query heads (kv heads · ratio,), or None.
     """
     tiles = []
-    for j in range(0, n_kv, k_tile):
-        if causal and j > i + n - 1:
-            break  # this and all later key tiles are fully masked for these rows
-        w = min(k_tile, n_kv - j)
+    lo, hi = where.key_range(b, i, n)
+    rows = torch.arange(i, i + n, device=device)
+    for j in range(lo, hi, k_tile):
+        w = min(k_tile, hi - j)
         masks = []
         if mask_rows is not None:  # (kv heads · ratio, n, Nkv)
             tile = mask_rows[..., j : j + w]
             masks.append(tile.reshape(tile.shape[0] // ratio, ratio * n, w))
-        if causal and j + w - 1 > i:  # a tile on the diagonal
-            diagonal = _diagonal_mask(i, n, j, w, device)  # (n, w)
-            masks.append(diagonal.repeat(ratio, 1) if ratio > 1 else diagonal)
+        cols = None
+        if not where.all_visible(b, i, n, j, w):  # a tile on the diagonal, the window's edge or a document's
+            cols = torch.arange(j, j + w, device=device)
+            allowed = where.allowed(rows, cols, b)[0]  # (n, w)
+            masks.append(allowed.repeat(ratio, 1) if ratio > 1 else allowed)
+        if slopes is not None:
+            cols = torch.arange(j, j + w, device=device) if cols is None else cols
+            distance = ((rows + where.offset)[:, None] - cols[None, :]).abs().to(slopes.dtype)  # (n, w)
+            bias = slopes[:, None, None] * distance.neg()  # (kv heads · ratio, n, w), natural units
+            masks.append(bias.reshape(bias.shape[0] // ratio, ratio * n, w))
         tiles.append((j, w, masks))
     return tiles
 
 
-def _layout(q, k, v, mask, scale):
+def _layout(q, k, v, mask, scale, where: Positions):
     """Work-dtype views shared by forward and backward: base-2 pre-scaled q, k, v, and the query heads
-    per kv head. Batch and heads are fused into one axis when there is no mask and no grouping (fewer,
-    larger tiles). k and v are never repeated for grouped-query attention."""
+    per kv head. Batch and heads are fused into one axis when there is no mask, no grouping and nothing
+    that differs per batch row or head (documents, ALiBi): fewer, larger tiles. k and v are never
+    repeated for grouped-query attention."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_kv = k.shape[1], k.shape[2]
     ratio = heads // kv_heads
     qs = q.to(work) * (scale * LOG2E)  # (B, H, Nq, D), scores come out in base 2
     k_w, v_w = k.to(work), v.to(work)  # (B, H_kv, Nkv, D)
-    if mask is None and ratio == 1:
+    if mask is None and ratio == 1 and where.cu_seqlens is None and where.alibi_slopes is None:
         qs, k_w, v_w = (t.reshape(1, batch * heads, *t.shape[2:]) for t in (qs, k_w, v_w))  # (1, B·H, N, D)
     elif mask is not None:
         if mask.dtype != torch.bool:
@@ -317,7 +337,28 @@ def _head_groups(kv_heads: int, group: int, ratio: int):
         yield ks, slice(ks.start * ratio, ks.stop * ratio)
 
 
-def _forward(q, k, v, causal: bool, scale: float, mask, tiles=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense(q: torch.Tensor, k: torch.Tensor) -> Positions:
+    return positions(q, k, False)
+
+
+def _window_tiles(where: Positions, q_tile: int, n_q: int) -> int:
+    """Query rows per tile when a window or documents bound what rows see: a tile of n rows visits about
+    n + W keys for W per row, so tall tiles waste most of their work on hidden pairs (causal N=8192,
+    W=512: 1024-row tiles visit 3x the keys a row sees). Rows of about W/2 (or half an average document)
+    keep that waste near 1.5x while the heads of a group still share one large GEMM."""
+    spans = []
+    if where.window is not None:
+        spans.append(where.window)
+    if where.cu_seqlens is not None:
+        spans.append(where.batch * n_q // max(1, where.cu_seqlens.numel() - 1))
+    if not spans:
+        return q_tile
+    return max(MIN_WINDOW_TILE, min(q_tile, min(spans) // 2))
+
+
+def _forward(
+    q, k, v, where: Positions, scale: float, mask, tiles=None, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (B, H, Nq, D) in the work dtype and the rows' log-sum-exp in base 2, (B, H, Nq).
 
     On a CPU a query tile takes the lagged-maximum fast path and checks once, on the host, whether to
@@ -325,13 +366,18 @@ def _forward(q, k, v, causal: bool, scale: float, mask, tiles=None) -> tuple[tor
     """
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale)
+    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale, where)
     k_t = k_w.transpose(-2, -1)  # (., H_kv, D, Nkv)
     v_ones = torch.cat([v_w, v_w.new_ones((*v_w.shape[:3], 1))], dim=-1)  # (., H_kv, Nkv, D + 1)
     out = torch.empty(qs.shape, dtype=work, device=q.device)  # (., H, Nq, D)
     lse = torch.empty(qs.shape[:3], dtype=work, device=q.device)  # (., H, Nq)
     group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, device=q.device, tiles=tiles)
+    if not _on_gpu(q.device) and _window_tiles(where, q_tile, n_q) < q_tile:
+        q_tile = _window_tiles(where, q_tile, n_q)
+        group = max(1, min(k_w.shape[1], TILE_ELEMENTS // (ratio * q_tile * k_tile)))
     gpu = _on_gpu(q.device)
+    cap2 = None if softcap is None else softcap * LOG2E
+    slopes = None if where.alibi_slopes is None else where.alibi_slopes.to(work)
     scores_buffer = torch.empty(group * ratio * q_tile * k_tile, dtype=work, device=q.device)  # one tile
 
     for b in range(qs.shape[0]):
@@ -339,10 +385,13 @@ def _forward(q, k, v, causal: bool, scale: float, mask, tiles=None) -> tuple[tor
             for i in range(0, n_q, q_tile):
                 n = min(q_tile, n_q - i)
                 rows = None if mask is None else mask[b, hs, i : i + n]
-                tiles = _key_tiles(i, n, n_kv, k_tile, causal, rows, ratio, q.device)
+                head_slopes = None if slopes is None else slopes[hs]
+                tiles = _key_tiles(where, b, i, n, k_tile, rows, ratio, head_slopes, q.device)
                 # q tile (G, ratio · n, D), the kv heads' keys (G, D, Nkv) and values (G, Nkv, D + 1)
                 args = (_fold(qs[b, hs, i : i + n], ratio), k_t[b, ks], v_ones[b, ks], tiles, scores_buffer)
-                done = (None if gpu else _query_tile(*args, exact=False)) or _query_tile(*args, exact=True)
+                done = (None if gpu else _query_tile(*args, exact=False, softcap2=cap2)) or _query_tile(
+                    *args, exact=True, softcap2=cap2
+                )
                 acc, row_max = done  # (G, ratio · n, D + 1): unnormalised output | row sum; (G, ratio · n, 1)
                 # Rows that saw no key have l = 0 and acc = 0: the clamp makes them 0, not NaN.
                 total = acc[..., head_dim:]
@@ -354,7 +403,7 @@ def _forward(q, k, v, causal: bool, scale: float, mask, tiles=None) -> tuple[tor
     return out.reshape(batch, heads, n_q, head_dim), lse.reshape(batch, heads, n_q)
 
 
-def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
+def _backward(q, k, v, out, lse, dout, where: Positions, scale: float, mask, softcap: float | None = None):
     """FlashAttention-2's backward: score tiles recomputed from the saved log-sum-exp, never stored whole.
 
     Per tile pair: S = q kᵀ (base 2), P = 2^(S − lse), dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) with
@@ -364,7 +413,7 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
     """
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale)
+    work, qs, k_w, v_w, mask, ratio = _layout(q, k, v, mask, scale, where)
     shape = qs.shape[:2]
     do = dout.to(work).reshape(*shape, n_q, head_dim)  # (., H, Nq, D)
     delta = (do * out.to(work).reshape(*shape, n_q, head_dim)).sum(-1, keepdim=True)  # (., H, Nq, 1)
@@ -374,7 +423,9 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
     dq = torch.zeros_like(qs)  # (., H, Nq, D)
     dk, dv = torch.zeros_like(k_w), torch.zeros_like(v_w)  # (., H_kv, Nkv, D)
     group, q_tile, k_tile = _tile_sizes(k_w.shape[1], n_q, n_kv, ratio, backward=True, device=q.device)
-    buffers = torch.empty(2, group * ratio * q_tile * k_tile, dtype=work, device=q.device)
+    cap2 = None if softcap is None else softcap * LOG2E
+    slopes = None if where.alibi_slopes is None else where.alibi_slopes.to(work)
+    buffers = torch.empty(2 if cap2 is None else 3, group * ratio * q_tile * k_tile, dtype=work, device=q.device)
     for b in range(shape[0]):
         for ks, hs in _head_groups(k_w.shape[1], group, ratio):
             g = ks.stop - ks.start
@@ -385,16 +436,23 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, mask):
                 lse_i, delta_i = (_fold(t[b, hs, i : i + n], ratio) for t in (lse, delta))  # (G, ratio · n, 1)
                 dq_i = torch.zeros_like(q_i)
                 m = ratio * n
-                for j, w, masks in _key_tiles(i, n, n_kv, k_tile, causal, rows, ratio, q.device):
+                head_slopes = None if slopes is None else slopes[hs]
+                for j, w, masks in _key_tiles(where, b, i, n, k_tile, rows, ratio, head_slopes, q.device):
                     k_j, v_j = k_w[b, ks, j : j + w], v_w[b, ks, j : j + w]  # (G, w, D)
                     p = buffers[0, : g * m * w].view(g, m, w)
                     torch.bmm(q_i, k_j.transpose(-2, -1), out=p)
+                    if cap2 is not None:
+                        tanh = buffers[2, : g * m * w].view(g, m, w)
+                        torch.div(p, cap2, out=tanh).tanh_()
+                        torch.mul(tanh, cap2, out=p)
                     _apply_masks(p, masks)
                     p.sub_(lse_i).exp2_()  # P, the forward's probabilities, recomputed
                     dv[b, ks, j : j + w].baddbmm_(p.transpose(-2, -1), do_i)
                     ds = buffers[1, : g * m * w].view(g, m, w)
                     torch.bmm(do_i, v_j.transpose(-2, -1), out=ds)  # dP
                     ds.sub_(delta_i).mul_(p)  # dS = P ∘ (dP − Δ)
+                    if cap2 is not None:  # through the cap: d(c·tanh(s/c))/ds = 1 − tanh²
+                        ds.mul_(tanh.square_().neg_().add_(1.0))
                     dq_i.baddbmm_(ds, k_j, alpha=scale)
                     # q_i is q · scale · log2 e: dividing by log2 e leaves dK = dSᵀ q · scale.
                     dk[b, ks, j : j + w].baddbmm_(ds.transpose(-2, -1), q_i, alpha=1 / LOG2E)
@@ -406,21 +464,44 @@ class _MemoryEfficientAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the per-row log-sum-exp (O(N)); the backward recomputes tiles."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, mask):
-        out, lse = _forward(q, k, v, causal, scale, mask)
+    def forward(ctx, q, k, v, where, scale, mask, softcap):
+        out, lse = _forward(q, k, v, where, scale, mask, softcap=softcap)
         result = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse, *([] if mask is None else [mask]))
-        ctx.causal, ctx.scale, ctx.masked = causal, scale, mask is not None
+        ctx.where, ctx.scale, ctx.softcap = where, scale, softcap
         return result
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, *rest = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.causal, ctx.scale, rest[0] if rest else None)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        mask = rest[0] if rest else None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.where, ctx.scale, mask, ctx.softcap)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-@register("memory_efficient", variants=DOT_PRODUCT_VARIANTS)
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The tiled kernel with query i at position i + offset (0: top-left; decode: bottom-right)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    where = positions(q, k, causal, offset, window, alibi_slopes, cu_seqlens)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _MemoryEfficientAttention.apply(q, k, v, where, scale, mask, softcap)
+    return _forward(q, k, v, where, scale, mask, softcap=softcap)[0].to(q.dtype)
+
+
+@register("memory_efficient", variants=DOT_PRODUCT_VARIANTS, mods=MODS)
 def memory_efficient(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -429,12 +510,10 @@ def memory_efficient(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """Tiled exact attention with an online (running max / log-sum-exp) softmax, O(N) extra memory."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _MemoryEfficientAttention.apply(q, k, v, causal, scale, mask)
-    return _forward(q, k, v, causal, scale, mask)[0].to(q.dtype)
+    return attend(q, k, v, causal=causal, scale=scale, mask=mask, **mods)
 
 
 def _decode_partitions(n_kv: int, rows: int, device: torch.device) -> Iterator[tuple[int, int]]:
@@ -505,7 +584,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     return out.view(batch, heads, n_q, head_dim).to(q.dtype)
 
 
-@register("memory_efficient", variants=("decode",))
+@register("memory_efficient", variants=("decode",), mods=MODS)
 def memory_efficient_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -514,10 +593,13 @@ def memory_efficient_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """Flash-Decoding: KV-cache partitions give partial outputs and log-sum-exps, merged exactly."""
-    if mask is not None or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        # A user mask or a gradient: the tiled kernel with decode's causality as a mask.
-        return bottom_right(memory_efficient)(q, k, v, causal=causal, scale=scale, mask=mask)
+    if mask is not None or mods or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # A user mask, a score modifier or a gradient: the tiled kernel, its queries at the cache's end (its
+        # tile loop then visits only the keys a window leaves).
+        offset = k.shape[2] - q.shape[2]
+        return attend(q, k, v, causal=True, scale=scale, mask=mask, offset=offset, **mods)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _decode(q, k, v, causal, scale)

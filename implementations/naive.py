@@ -6,10 +6,46 @@ import torch
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right, group_heads, grouped_matmul, with_causal
+from implementations.masks import group_heads, grouped_matmul, merge, positions, softcapped
+
+# Every score modifier: naive computes the whole score matrix, so each is one more elementwise step.
+MODS = ("window", "softcap", "alibi", "documents")
 
 
-@register("naive", variants=DOT_PRODUCT_VARIANTS)
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Textbook attention with query i at position i + offset (0: top-left; decode: bottom-right)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    where = positions(q, k, causal, offset, window, alibi_slopes, cu_seqlens)
+    rows, cols = torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device)
+    mask = merge(mask, where.mask(rows, cols, q.dtype))
+    q, k, v, mask, ungroup = group_heads(q, k, v, mask)  # GQA: kv heads broadcast, never copied
+    scores = softcapped(grouped_matmul(q, k.transpose(-2, -1)) * scale, softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if mask is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        # Policy: a query that may attend to nothing gets zeros, not the softmax's 0/0 = NaN, and so do
+        # its gradients (its scores are made finite before the softmax, whose backward would give NaN).
+        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return ungroup(grouped_matmul(weights, v))
+
+
+@register("naive", variants=DOT_PRODUCT_VARIANTS, mods=MODS)
 def naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -18,19 +54,22 @@ def naive(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """Textbook attention: the full (Nq, Nkv) score matrix, a softmax over it, a weighted sum of v."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, mask, ungroup = group_heads(q, k, v, mask)  # GQA: kv heads broadcast, never copied
-    scores = grouped_matmul(q, k.transpose(-2, -1)) * scale
-    mask = with_causal(mask, causal, q.shape[-2], k.shape[-2], q.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        # Policy: a query that may attend to nothing gets zeros, not the softmax's 0/0 = NaN.
-        weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    return ungroup(grouped_matmul(weights, v))
+    return attend(q, k, v, causal=causal, scale=scale, mask=mask, **mods)
 
 
-register("naive", variants=("decode",))(bottom_right(naive))
+@register("naive", variants=("decode",), mods=MODS)
+def naive_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    **mods: object,
+) -> torch.Tensor:
+    """Textbook attention, the new tokens at the end of the cache (bottom-right)."""
+    return attend(q, k, v, causal=causal, scale=scale, mask=mask, offset=k.shape[2] - q.shape[2], **mods)

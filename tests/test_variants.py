@@ -33,7 +33,8 @@ def test_inputs_take_dtype_and_device_from_arguments_over_params():
 def test_flops_follow_the_design_formula():
     p = Params(batch=2, heads=4, seq_len=128, head_dim=64)
     assert VARIANTS["multi_head"].flops(p) == 4 * 2 * 4 * 128 * 128 * 64
-    assert VARIANTS["causal"].flops(VARIANTS["causal"].normalize(p)) == 4 * 2 * 4 * 128 * 128 * 64 / 2
+    # causal counts its visible pairs: N(N+1)/2 per head, not N²/2
+    assert VARIANTS["causal"].flops(VARIANTS["causal"].normalize(p)) == 4 * 2 * 4 * (128 * 129 // 2) * 64
     cross = Params(batch=1, heads=2, seq_len=100, seq_len_kv=30, head_dim=16)
     assert VARIANTS["cross_attention"].flops(cross) == 4 * 2 * 100 * 30 * 16
 
