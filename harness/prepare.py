@@ -113,7 +113,8 @@ def run_setup(case: Prepared) -> None:
     extra = case.impl.setup(*case.inputs.args, **case.inputs.kwargs)
     if case.params.device.startswith("cuda"):
         torch.cuda.synchronize(case.params.device)
-    case.setup_s = time.perf_counter() - started
+    # An empty result is no setup at all (sdpa without modifiers): no setup_s on its record.
+    case.setup_s = time.perf_counter() - started if extra else None
     case.setup_bytes = sum(_tensor_bytes(value) for value in extra.values())
     case.inputs = Inputs(case.inputs.args, {**case.inputs.kwargs, **extra})
 
@@ -135,6 +136,8 @@ def _tensor_bytes(obj: object) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, list | tuple):
         return sum(_tensor_bytes(x) for x in obj)
+    if callable(getattr(obj, "as_tuple", None)):  # flex's BlockMask: its index tensors
+        return sum(_tensor_bytes(x) for x in obj.as_tuple() if isinstance(x, torch.Tensor))
     fields = getattr(obj, "__dict__", None)
     if fields:
         return sum(t.numel() * t.element_size() for t in fields.values() if isinstance(t, torch.Tensor))

@@ -71,9 +71,7 @@ def attend(
         chunk_mask = None
         if mask is not None:
             chunk_mask = mask[..., lo:hi] if mask.shape[-2] == 1 else mask[..., start:stop, lo:hi]
-        placed = where.mask(
-            torch.arange(start, stop, device=q.device), torch.arange(lo, hi, device=q.device), q.dtype
-        )
+        placed = where.mask(torch.arange(start, stop, device=q.device), torch.arange(lo, hi, device=q.device), q.dtype)
         if placed is not None and grouped:  # (B|1, H|1, rows, keys) as the grouped layout's (B, H_kv, G, ...)
             placed = placed.unflatten(1, (k.shape[1], -1)) if placed.shape[1] > 1 else placed.unsqueeze(1)
         chunk_mask = merge(chunk_mask, placed)

@@ -16,6 +16,7 @@ import torch
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.compiled import compile_static, compiler_available
+from implementations.masks import doc_ids
 
 try:
     from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
@@ -77,18 +78,94 @@ def _block_mask(
     return built
 
 
-def _flex(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | None, offset: int) -> torch.Tensor:
+def _position_mods(offset: int, causal: bool, window: int | None, docs: torch.Tensor | None):
+    """flex mask_mods for the positions: causality, the window and the documents (query at i + offset)."""
+    mods = []
+    if causal:
+        mods.append(_causal_from(offset))
+    if window is not None:
+
+        def behind(b, h, q_idx, kv_idx):
+            return kv_idx >= q_idx + offset - window
+
+        mods.append(behind)
+        if not causal:
+
+            def ahead(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + offset + window
+
+            mods.append(ahead)
+    if docs is not None:
+
+        def same_document(b, h, q_idx, kv_idx):
+            return docs[b, q_idx] == docs[b, kv_idx]
+
+        mods.append(same_document)
+    return mods
+
+
+def flex_setup(decode: bool):
+    """The registry `setup` for a case with score modifiers: the block mask of its positions (causality,
+    window, documents), built once (setup_s), as a model builds it once per batch (documents change
+    every batch, so a training step pays it every step)."""
+
+    def setup(q, k, v, *, causal: bool = False, mask=None, window=None, cu_seqlens=None, **_: object) -> dict:
+        if window is None and cu_seqlens is None:
+            return {}
+        if flex_attention is None:
+            raise RuntimeError(_IMPORT_ERROR)
+        batch, _, n_q, _ = q.shape
+        n_kv = k.shape[2]
+        offset = n_kv - n_q if decode else 0
+        causal = (causal and n_q > 1) if decode else causal
+        docs = None if cu_seqlens is None else doc_ids(cu_seqlens, batch, n_q)
+        mods = _position_mods(offset, causal, window, docs)
+        if mask is not None and mask.dtype == torch.bool:
+            dense = mask.expand(batch, q.shape[1], n_q, n_kv)
+            mods.append(lambda b, h, q_idx, kv_idx: dense[b, h, q_idx, kv_idx])
+            built = create_block_mask(and_masks(*mods), batch, q.shape[1], n_q, n_kv, device=q.device)
+        else:
+            built = create_block_mask(
+                and_masks(*mods), None if docs is None else batch, None, n_q, n_kv, device=q.device
+            )
+        return {"block_mask": built}
+
+    return setup
+
+
+def _flex(
+    q,
+    k,
+    v,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+    offset: int,
+    block_mask=None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     if flex_attention is None:
         raise RuntimeError(_IMPORT_ERROR)
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
-    block_mask = _block_mask(mask, causal, (batch, heads, n_q, n_kv), q.device, offset)
-    score_mod = None
+    if block_mask is None:
+        block_mask = _block_mask(mask, causal, (batch, heads, n_q, n_kv), q.device, offset)
+    bias = None
     if mask is not None and mask.dtype != torch.bool:
         bias = mask.to(q.dtype).expand(batch, heads, n_q, n_kv)
+    score_mod = None
+    if bias is not None or softcap is not None or alibi_slopes is not None:
+        slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[b, h, q_idx, kv_idx]
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            if slopes is not None:
+                score = score - slopes[h] * torch.abs(q_idx + offset - kv_idx)
+            if bias is not None:
+                score = score + bias[b, h, q_idx, kv_idx]
+            return score
 
     gqa = k.shape[1] != q.shape[1]  # grouped-query attention natively: k, v keep their fewer heads
     return compile_static(flex_attention)(
@@ -96,7 +173,12 @@ def _flex(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | None,
     )
 
 
-@register("flex", variants=DOT_PRODUCT_VARIANTS, available=flex_available, compiles=True)
+MODS = ("window", "softcap", "alibi", "documents")
+
+
+@register(
+    "flex", variants=DOT_PRODUCT_VARIANTS, available=flex_available, compiles=True, mods=MODS, setup=flex_setup(False)
+)
 def flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,12 +187,20 @@ def flex(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    block_mask: object = None,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """torch flex_attention under torch.compile (block mask from causal/boolean masks, score_mod for additive)."""
-    return _flex(q, k, v, causal, scale, mask, 0)
+    if block_mask is None and (window is not None or cu_seqlens is not None):  # a direct call, no setup
+        block_mask = flex_setup(False)(q, k, v, causal=causal, mask=mask, window=window, cu_seqlens=cu_seqlens)[
+            "block_mask"
+        ]
+    return _flex(q, k, v, causal, scale, mask, 0, block_mask, **mods)
 
 
-@register("flex", variants=("decode",), available=flex_available, compiles=True)
+@register("flex", variants=("decode",), available=flex_available, compiles=True, mods=MODS, setup=flex_setup(True))
 def flex_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,6 +209,12 @@ def flex_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    block_mask: object = None,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """torch flex_attention under torch.compile, decode's causality a bottom-right mask_mod."""
-    return _flex(q, k, v, causal and q.shape[2] > 1, scale, mask, k.shape[2] - q.shape[2])
+    if block_mask is None and window is not None:  # a direct call, no setup
+        block_mask = flex_setup(True)(q, k, v, causal=causal, mask=mask, window=window)["block_mask"]
+    return _flex(q, k, v, causal and q.shape[2] > 1, scale, mask, k.shape[2] - q.shape[2], block_mask, **mods)

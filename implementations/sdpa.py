@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, fold, with_causal
+from implementations.masks import bottom_right_mask, fold, merge, positions, with_causal
 
 
 @functools.cache
@@ -109,8 +109,15 @@ def _availability(backend: SDPBackend | None, decode: bool = False):
         seq_len_kv: int | None = None,
         kv_heads: int | None = None,
         heads: int = 1,
+        softcap: float | None = None,
+        window: int | None = None,
+        alibi: bool = False,
+        documents: int | None = None,
         **_: object,
     ) -> tuple[bool, str]:
+        if softcap is not None:
+            return False, SOFTCAP_REASON
+        masked = masked or window is not None or alibi or documents is not None  # they arrive as a mask
         if device is None:
             # "In general": does it run on any device this machine has, in a dtype it is meant for?
             tries = [("cpu", "float32")]
@@ -134,7 +141,38 @@ def _availability(backend: SDPBackend | None, decode: bool = False):
     return check
 
 
+# Window, ALiBi and documents become one dense mask or bias from `setup`; softcap cannot (see below).
+MODS = ("window", "alibi", "documents")
+SOFTCAP_REASON = (
+    "softcap is nonlinear in the score (c·tanh(s/c)) and scaled_dot_product_attention takes only an "
+    "additive mask, so it cannot apply it"
+)
+
+
+def position_setup(decode: bool):
+    """The registry `setup` of a dense-mask kernel: the window, ALiBi and documents (with causality) as
+    one mask (B|1, H|1, Nq, Nkv), boolean or additive in q's dtype, built once per case (its memory is
+    the kernel's: N=8192 is 64 MiB as booleans, 256 MiB per head as a float32 ALiBi bias), and which
+    rows see no key at all (their output is zeros by the harness's policy; SDPA would give NaN)."""
+
+    def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, **kwargs) -> dict:
+        mods = {key: kwargs[key] for key in ("window", "alibi_slopes", "cu_seqlens") if kwargs.get(key) is not None}
+        if not mods:
+            return {}
+        offset = k.shape[2] - q.shape[2] if decode else 0
+        where = positions(q, k, causal or decode, offset, **mods)
+        rows, cols = torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device)
+        dense = where.mask(rows, cols, q.dtype)
+        hidden = ~dense if dense.dtype == torch.bool else torch.isneginf(dense)
+        empty = hidden.all(dim=-1, keepdim=True)
+        return {"position_mask": dense, **({"empty_rows": empty} if bool(empty.any()) else {})}
+
+    return setup
+
+
 def _make(name: str, backend: SDPBackend | None, decode: bool = False):
+    setup = position_setup(decode)
+
     def sdpa(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -143,8 +181,17 @@ def _make(name: str, backend: SDPBackend | None, decode: bool = False):
         causal: bool = False,
         scale: float | None = None,
         mask: torch.Tensor | None = None,
+        position_mask: torch.Tensor | None = None,
+        empty_rows: torch.Tensor | None = None,
+        **mods: object,
     ) -> torch.Tensor:
-        return _call(backend, q, k, v, causal, scale, mask, decode)
+        if mods and position_mask is None:  # called directly, without the registry's setup
+            prepared = setup(q, k, v, causal=causal, **mods)
+            position_mask, empty_rows = prepared.get("position_mask"), prepared.get("empty_rows")
+        if position_mask is None:
+            return _call(backend, q, k, v, causal, scale, mask, decode)
+        out = _call(backend, q, k, v, False, scale, merge(mask, position_mask), False)  # causality is in it
+        return out if empty_rows is None else out.masked_fill(empty_rows, 0.0)
 
     sdpa.__name__ = sdpa.__qualname__ = name.replace(".", "_") + ("_decode" if decode else "")
     what = "backend chosen by torch" if backend is None else f"pinned to {backend.name}"
@@ -153,6 +200,8 @@ def _make(name: str, backend: SDPBackend | None, decode: bool = False):
         ("decode",) if decode else DOT_PRODUCT_VARIANTS,
         summary=f"torch scaled_dot_product_attention, {what}" + (" (decode: causal_lower_right)" if decode else ""),
         available=_availability(backend, decode),
+        mods=MODS,
+        setup=setup,
     )(sdpa)
     return sdpa
 
