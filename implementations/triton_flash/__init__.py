@@ -71,29 +71,57 @@ class _FlashAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the base-2 log-sum-exp per row: O(N) memory for the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, offset):
+    def forward(ctx, q, k, v, causal, scale, offset, mods):
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-        out, lse = _kernels().forward(q, k, v, causal, scale, offset, allow_tf32)
+        out, lse = _kernels().forward(q, k, v, causal, scale, offset, allow_tf32, mods)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (causal, scale, offset, allow_tf32)
+        ctx.options = (causal, scale, offset, allow_tf32, mods)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, offset, allow_tf32 = ctx.options
-        dq, dk, dv = _kernels().backward(q, k, v, out, lse, dout, causal, scale, offset, allow_tf32)
-        return dq, dk, dv, None, None, None
+        causal, scale, offset, allow_tf32, mods = ctx.options
+        dq, dk, dv = _kernels().backward(q, k, v, out, lse, dout, causal, scale, offset, allow_tf32, mods)
+        return dq, dk, dv, None, None, None, None
 
 
-def _attention(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | None, offset: int) -> torch.Tensor:
+# Every score modifier, in the kernel: the tile loops' bounds follow the window and the documents.
+MODS = ("window", "softcap", "alibi", "documents")
+
+
+def triton_setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=None, **_: object) -> dict:
+    """The registry `setup`: documents as per-token arrays (index, first, last + 1), built once per case
+    (setup_s), as a training step builds them once per batch for all its layers."""
+    if cu_seqlens is None:
+        return {}
+    return {"documents": _kernels().documents(cu_seqlens, q.shape[0], q.shape[2])}
+
+
+def _attention(
+    q,
+    k,
+    v,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+    offset: int,
+    documents: dict | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **mods: object,
+) -> torch.Tensor:
     if mask is not None:
         raise ValueError("triton: the kernel takes causal attention, not arbitrary masks (mask must be None)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _FlashAttention.apply(q, k, v, causal, scale, offset)
+    if cu_seqlens is not None and documents is None:  # a direct call, without the registry's setup
+        documents = triton_setup(q, k, v, cu_seqlens=cu_seqlens)["documents"]
+    options = {key: value for key, value in mods.items() if value is not None} | (documents or {})
+    return _FlashAttention.apply(q, k, v, causal, scale, offset, options)
 
 
-@register("triton", variants=DOT_PRODUCT_VARIANTS, available=triton_available, compiles=True)
+@register(
+    "triton", variants=DOT_PRODUCT_VARIANTS, available=triton_available, compiles=True, mods=MODS, setup=triton_setup
+)
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,12 +130,13 @@ def triton_attention(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """Fused FlashAttention-2 in Triton (online softmax in base 2, causal tiles skipped, GQA), with its backward."""
-    return _attention(q, k, v, causal, scale, mask, 0)
+    return _attention(q, k, v, causal, scale, mask, 0, **mods)
 
 
-@register("triton", variants=("decode",), available=triton_available, compiles=True)
+@register("triton", variants=("decode",), available=triton_available, compiles=True, mods=MODS)
 def triton_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,6 +145,7 @@ def triton_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """The same kernel for decode: causality offset to the bottom-right corner of the cache."""
-    return _attention(q, k, v, causal, scale, mask, k.shape[2] - q.shape[2])
+    return _attention(q, k, v, causal, scale, mask, k.shape[2] - q.shape[2], **mods)
