@@ -71,9 +71,16 @@ def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...]
             return False, f"{package} supports {', '.join(dtypes)} only, not {dtype}"
         if package == "xformers" and case.get("kv_heads") not in (None, case.get("heads")):
             return False, "the xformers adapter maps multi-head inputs only (GQA needs xformers' 5-D BMGHK layout)"
-        top_left = case.get("causal") and not decode
-        if package == "flash_attn" and top_left and case.get("seq_len_kv") not in (None, case.get("seq_len")):
-            return False, "flash_attn aligns causal masks bottom-right when Nq != Nkv; the harness means top-left"
+        cross = case.get("seq_len_kv") not in (None, case.get("seq_len")) and not decode
+        aligned = [what for what in ("causal", "window", "alibi") if case.get(what) not in (None, False)]
+        if package == "flash_attn" and cross and aligned:
+            return False, (
+                f"flash_attn aligns {' and '.join(aligned)} bottom-right when Nq != Nkv; the harness means top-left"
+            )
+        if package == "xformers":
+            why = _xformers_refusal(case, cross, decode)
+            if why:
+                return False, why
         if device is None:  # "in general": try the device this machine has, in a dtype every package takes
             device, dtype = "cuda", "float16"
         return _probe(
@@ -83,17 +90,90 @@ def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...]
     return check
 
 
+def _xformers_refusal(case: dict, cross: bool, decode: bool) -> str:
+    """Why the xformers adapter cannot map a case's score modifiers exactly ('' when it can)."""
+    if case.get("softcap") is not None:
+        return "xformers' memory_efficient_attention has no soft-capping"
+    if case.get("alibi"):
+        return "xformers has no ALiBi bias type (a dense bias tensor would be another kernel's work)"
+    window, documents = case.get("window"), case.get("documents")
+    if window is not None and cross:
+        return "xformers' local attention masks align bottom-right when Nq != Nkv; the harness means top-left"
+    if window is not None and documents is not None and not case.get("causal"):
+        return "xformers has block-diagonal local attention only for causal documents"
+    return ""
+
+
 def _bhnd_to_bnhd(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.transpose(1, 2) for t in tensors]
 
 
-def _xformers(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | None, decode: bool) -> torch.Tensor:
+def _xformers_bias(causal: bool, decode: bool, window: int | None, doc_lens: list[int] | None) -> object:
+    """The xformers attention-bias object for causality, a window and documents (no tensor of scores)."""
+    import xformers.ops as xops
+
+    biases = xops.fmha.attn_bias
+    if doc_lens is not None:
+        if not causal:
+            return biases.BlockDiagonalMask.from_seqlens(doc_lens)
+        blocks = biases.BlockDiagonalCausalMask.from_seqlens(doc_lens)
+        # xformers' window counts the query itself: keys j > i - window_size, so W keys behind is W + 1.
+        return blocks if window is None else blocks.make_local_attention(window + 1)
+    if window is not None:  # Nq = Nkv (or decode, bottom-right as meant): keys i - W ..= i (+ W)
+        return biases.LocalAttentionFromBottomRightMask(window_left=window, window_right=0 if causal else window)
+    if causal:
+        return biases.LowerTriangularFromBottomRightMask() if decode else xops.LowerTriangularMask()
+    return None
+
+
+def xformers_setup(decode: bool):
+    """The registry `setup`: the bias object of a case's window and documents, built once (setup_s)."""
+
+    def setup(q, k, v, *, causal: bool = False, window=None, cu_seqlens=None, **_: object) -> dict:
+        if window is None and cu_seqlens is None:
+            return {}
+        doc_lens = None if cu_seqlens is None else torch.diff(cu_seqlens).tolist()
+        causal = (causal and q.shape[2] > 1) or (decode and window is not None)
+        return {"attn_bias": _xformers_bias(causal, decode, window, doc_lens)}
+
+    return setup
+
+
+def _xformers(
+    q,
+    k,
+    v,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+    decode: bool,
+    attn_bias: object = None,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **unsupported: object,
+) -> torch.Tensor:
     import xformers.ops as xops
 
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
     if k.shape[1] != heads:
         raise ValueError("xformers adapter: grouped-query attention (fewer k/v heads) is not mapped to BMGHK yet")
+    if unsupported:
+        raise ValueError(f"xformers adapter: no mapping for {', '.join(unsupported)}")
+    if window is not None or cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("xformers adapter: a user mask together with a window or documents is not mapped")
+        if attn_bias is None:  # a direct call, without the registry's setup
+            attn_bias = xformers_setup(decode)(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens)[
+                "attn_bias"
+            ]
+        if cu_seqlens is None:
+            out = xops.memory_efficient_attention(*_bhnd_to_bnhd(q, k, v), attn_bias=attn_bias, scale=scale)
+            return out.transpose(1, 2)
+        # Packed documents: one sequence of B·N tokens (1, B·N, H, D); the copy is the adapter's cost.
+        packed = [t.transpose(1, 2).reshape(1, batch * t.shape[2], t.shape[1], t.shape[3]) for t in (q, k, v)]
+        out = xops.memory_efficient_attention(*packed, attn_bias=attn_bias, scale=scale)
+        return out.view(batch, n_q, heads, -1).transpose(1, 2)
     if decode and causal and mask is not None:  # decode's causality folded into the user mask
         mask, causal = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device))), False
     bias: object = None
@@ -118,7 +198,18 @@ def _xformers(q, k, v, causal: bool, scale: float | None, mask: torch.Tensor | N
     return out
 
 
-@register("xformers", variants=DOT_PRODUCT_VARIANTS, available=_check("xformers", lambda: xformers_attention))
+# What the adapters map onto the packages' own arguments (other combinations: unavailable, with the reason).
+XFORMERS_MODS = ("window", "documents")
+FLASH_MODS = ("window", "softcap", "alibi", "documents")
+
+
+@register(
+    "xformers",
+    variants=DOT_PRODUCT_VARIANTS,
+    available=_check("xformers", lambda: xformers_attention),
+    mods=XFORMERS_MODS,
+    setup=xformers_setup(False),
+)
 def xformers_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,12 +218,19 @@ def xformers_attention(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """xformers.ops.memory_efficient_attention (CUTLASS/flash dispatch chosen by xformers)."""
-    return _xformers(q, k, v, causal, scale, mask, decode=False)
+    return _xformers(q, k, v, causal, scale, mask, decode=False, **mods)
 
 
-@register("xformers", variants=("decode",), available=_check("xformers", lambda: xformers_decode, decode=True))
+@register(
+    "xformers",
+    variants=("decode",),
+    available=_check("xformers", lambda: xformers_decode, decode=True),
+    mods=("window",),
+    setup=xformers_setup(True),
+)
 def xformers_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,9 +239,10 @@ def xformers_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    **mods: object,
 ) -> torch.Tensor:
     """xformers.ops.memory_efficient_attention, decode's causality as LowerTriangularFromBottomRightMask."""
-    return _xformers(q, k, v, causal, scale, mask, decode=True)
+    return _xformers(q, k, v, causal, scale, mask, decode=True, **mods)
 
 
 def _flash_inputs(kernel: str, q: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -153,7 +252,34 @@ def _flash_inputs(kernel: str, q: torch.Tensor, mask: torch.Tensor | None) -> No
         raise ValueError(f"flash_attn: dtype must be one of {', '.join(FLASH_DTYPES)}, got {q.dtype}")
 
 
-@register("flash_attn", variants=DOT_PRODUCT_VARIANTS, available=_check("flash_attn", lambda: flash_attn, FLASH_DTYPES))
+def _flash_mods(causal: bool, window: int | None, softcap: float | None, alibi_slopes) -> dict:
+    """The harness's modifiers as flash-attn's keyword arguments (window_size=(left, right), softcap,
+    alibi_slopes (H,) float32); only those a case sets, so older flash-attn versions still run plain cases."""
+    kwargs: dict = {}
+    if window is not None:
+        kwargs["window_size"] = (window, 0 if causal else window)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    if alibi_slopes is not None:
+        kwargs["alibi_slopes"] = alibi_slopes.to(torch.float32)
+    return kwargs
+
+
+def flash_setup(q, k, v, *, cu_seqlens=None, **_: object) -> dict:
+    """The registry `setup` of packed documents: flash_attn_varlen_func's longest document (a host int it
+    needs; reading it from cu_seqlens inside the call would synchronise), once per case."""
+    if cu_seqlens is None:
+        return {}
+    return {"max_seqlen": int(torch.diff(cu_seqlens).max())}
+
+
+@register(
+    "flash_attn",
+    variants=DOT_PRODUCT_VARIANTS,
+    available=_check("flash_attn", lambda: flash_attn, FLASH_DTYPES),
+    mods=FLASH_MODS,
+    setup=flash_setup,
+)
 def flash_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,23 +288,44 @@ def flash_attn(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """flash-attn's flash_attn_func (Tri Dao's CUDA kernels; float16/bfloat16, no arbitrary masks)."""
+    """flash-attn's flash_attn_func (Tri Dao's CUDA kernels; float16/bfloat16, no arbitrary masks);
+    packed documents through flash_attn_varlen_func."""
     _flash_inputs("flash_attn_func", q, mask)
-    if causal and q.shape[2] != k.shape[2]:
+    if (causal or window is not None or alibi_slopes is not None) and q.shape[2] != k.shape[2]:
         raise ValueError(
-            "flash_attn: causal with Nq != Nkv is aligned bottom-right by flash-attn, top-left by the harness"
+            "flash_attn: causal, window and ALiBi with Nq != Nkv are aligned bottom-right by flash-attn, "
+            "top-left by the harness"
         )
-    from flash_attn import flash_attn_func
+    mods = _flash_mods(causal, window, softcap, alibi_slopes)
+    if cu_seqlens is None:
+        from flash_attn import flash_attn_func
 
-    out = flash_attn_func(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal)
-    return out.transpose(1, 2)
+        out = flash_attn_func(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal, **mods)
+        return out.transpose(1, 2)
+    from flash_attn import flash_attn_varlen_func
+
+    batch, heads, n, head_dim = q.shape
+    if max_seqlen is None:  # a direct call, without the registry's setup
+        max_seqlen = flash_setup(q, k, v, cu_seqlens=cu_seqlens)["max_seqlen"]
+    # (B·N, H, D) packed tokens: the transposing copy from the harness's (B, H, N, D) is the adapter's cost.
+    packed = [t.transpose(1, 2).reshape(batch * n, t.shape[1], head_dim) for t in (q, k, v)]
+    out = flash_attn_varlen_func(
+        *packed, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal, **mods
+    )
+    return out.view(batch, n, heads, head_dim).transpose(1, 2)
 
 
 @register(
     "flash_attn",
     variants=("decode",),
     available=_check("flash_attn", lambda: flash_attn_decode, FLASH_DTYPES, decode=True),
+    mods=("window", "softcap", "alibi"),
 )
 def flash_attn_decode(
     q: torch.Tensor,
@@ -188,11 +335,16 @@ def flash_attn_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash-attn's flash_attn_with_kvcache: the new tokens against the cache (bottom-right causal, GQA)."""
     _flash_inputs("flash_attn_with_kvcache", q, mask)
     from flash_attn import flash_attn_with_kvcache
 
+    # Decode is bottom-right, as flash-attn aligns everything with a cache: a window is causal here.
+    mods = _flash_mods(True, window, softcap, alibi_slopes)
     # (B, Nq, H, D) and caches (B, Nkv, H_kv, D): transposed views, the head dimension contiguous.
-    out = flash_attn_with_kvcache(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal)
+    out = flash_attn_with_kvcache(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal, **mods)
     return out.transpose(1, 2)

@@ -9,8 +9,10 @@ conversion, the fully-masked-row policy and honest availability.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 import implementations.external as external
 from harness import registry
+from harness.accuracy import baseline
 from harness.variants import VARIANTS, Params
 from tests.conftest import assert_accurate
 
@@ -152,3 +155,233 @@ def test_a_package_that_imports_but_cannot_run_is_unavailable_in_its_own_words(m
 def test_a_package_that_runs_is_available_after_its_probe(fake_packages, monkeypatch):
     monkeypatch.setattr(registry, "needs_cuda", lambda device=None, **_: (True, ""))
     assert registry.get("multi_head", "xformers").available("cpu", "float32", head_dim=32) == (True, "")
+
+
+# ----------------------------------------------------------------------------- score modifiers
+#
+# Richer stand-ins: flash-attn's window_size=(left, right), softcap, alibi_slopes and varlen documents,
+# xformers' block-diagonal and local-attention biases, each written from the packages' documented
+# semantics (bottom-right alignment, xformers' window counting the query itself), so a wrong argument
+# (a window off by one, right and left swapped, top-left where the package means bottom-right) shows.
+
+
+def _documented(q, k, v, scale, allowed, softcap=0.0, slopes=None):
+    """softmax(cap(q kᵀ·scale) − slope·|i − j| over `allowed`) v in float32, (B, N, H, D) layout, with
+    `allowed(pos, keys)` given each query's bottom-right position; rows that see nothing are zeros."""
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    n_q, n_kv = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(n_q)[:, None] + (n_kv - n_q)
+    keys = torch.arange(n_kv)[None, :]
+    if slopes is not None:
+        s = s - slopes.float()[None, :, None, None] * (pos - keys).abs()
+    s = s.masked_fill(~allowed(pos, keys), float("-inf"))
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    return (p @ v).transpose(1, 2)
+
+
+SEEN: dict[str, dict] = {}
+
+
+def _flash_standin() -> types.ModuleType:
+    module = types.ModuleType("flash_attn")
+
+    def flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None
+    ):
+        SEEN["flash_attn_func"] = {"window_size": window_size, "softcap": softcap, "alibi": alibi_slopes is not None}
+        left, right = window_size
+        if alibi_slopes is not None:
+            assert alibi_slopes.dtype == torch.float32 and alibi_slopes.shape == (q.shape[2],)
+
+        def allowed(pos, keys):
+            ok = torch.ones(pos.shape[0], keys.shape[1], dtype=torch.bool)
+            if causal:
+                ok &= keys <= pos
+            if left >= 0:
+                ok &= keys >= pos - left
+            if right >= 0:
+                ok &= keys <= pos + right
+            return ok
+
+        out = _documented(q, k, v, softmax_scale, allowed, softcap, alibi_slopes)
+        return out.to(q.dtype)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
+        assert cu_seqlens_q.dtype == torch.int32 and isinstance(max_seqlen_q, int)
+        assert q.dim() == 3, "varlen takes packed (total_tokens, heads, head_dim)"
+        lengths = torch.diff(cu_seqlens_q).tolist()
+        assert max(lengths) == max_seqlen_q
+        SEEN["flash_attn_varlen_func"] = {"documents": len(lengths)}
+        pieces = [
+            flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], **kwargs)[0]
+            for a, b in itertools.pairwise(cu_seqlens_q.tolist())
+        ]
+        return torch.cat(pieces)
+
+    module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    module.flash_attn_with_kvcache = lambda q, k, v, softmax_scale=None, causal=False, **kw: flash_attn_func(
+        q, k, v, softmax_scale=softmax_scale, causal=causal, **kw
+    )
+    return module
+
+
+def _xformers_standin() -> tuple[types.ModuleType, types.ModuleType]:
+    package, ops = _fake_xformers()
+    plain = ops.memory_efficient_attention
+    biases = types.SimpleNamespace()
+
+    class Blocks:
+        causal = False
+
+        def __init__(self, lengths, window=None):
+            self.lengths, self.window = list(lengths), window
+
+        @classmethod
+        def from_seqlens(cls, lengths):
+            return cls(lengths)
+
+        def make_local_attention(self, window_size):
+            assert self.causal and window_size > 0
+            return type(self)(self.lengths, window_size)
+
+    class BlockDiagonalMask(Blocks):
+        pass
+
+    class BlockDiagonalCausalMask(Blocks):
+        causal = True
+
+    class LocalAttentionFromBottomRightMask:
+        def __init__(self, window_left, window_right):
+            self.left, self.right = window_left, window_right
+
+    class LowerTriangularFromBottomRightMask:
+        pass
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+        if isinstance(attn_bias, Blocks):
+            SEEN["xformers"] = {"blocks": attn_bias.lengths, "causal": attn_bias.causal, "window": attn_bias.window}
+            assert query.shape[0] == 1, "block-diagonal biases take one packed sequence"
+            doc = torch.repeat_interleave(torch.arange(len(attn_bias.lengths)), torch.tensor(attn_bias.lengths))
+
+            def allowed(pos, keys):
+                ok = doc[pos] == doc[keys]
+                if attn_bias.causal:
+                    ok &= keys <= pos
+                if attn_bias.window is not None:  # the query itself counts: keys j > i - window_size
+                    ok &= keys > pos - attn_bias.window
+                return ok
+
+            return _documented(query, key, value, scale, allowed).to(query.dtype)
+        if isinstance(attn_bias, LocalAttentionFromBottomRightMask):
+            SEEN["xformers"] = {"left": attn_bias.left, "right": attn_bias.right}
+            return _documented(
+                query,
+                key,
+                value,
+                scale,
+                lambda pos, keys: (keys >= pos - attn_bias.left) & (keys <= pos + attn_bias.right),
+            ).to(query.dtype)
+        if isinstance(attn_bias, LowerTriangularFromBottomRightMask):
+            return _documented(query, key, value, scale, lambda pos, keys: keys <= pos).to(query.dtype)
+        return plain(query, key, value, attn_bias=attn_bias, p=p, scale=scale)
+
+    for cls in (BlockDiagonalMask, BlockDiagonalCausalMask, LocalAttentionFromBottomRightMask):
+        setattr(biases, cls.__name__, cls)
+    biases.LowerTriangularFromBottomRightMask = LowerTriangularFromBottomRightMask
+    ops.fmha = types.SimpleNamespace(attn_bias=biases)
+    ops.memory_efficient_attention = memory_efficient_attention
+    return package, ops
+
+
+@pytest.fixture
+def standins(monkeypatch):
+    package, ops = _xformers_standin()
+    monkeypatch.setitem(sys.modules, "flash_attn", _flash_standin())
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(registry, "needs_cuda", lambda device=None, **_: (True, ""))  # as on a GPU machine
+    SEEN.clear()
+
+
+MODIFIED = [
+    ("causal", Params(batch=2, heads=4, seq_len=45, head_dim=16, window=7), "window_size", (7, 0)),
+    ("multi_head", Params(batch=2, heads=4, seq_len=45, head_dim=16, window=5), "window_size", (5, 5)),
+    ("causal", Params(batch=2, heads=4, seq_len=45, head_dim=16, softcap=2.0, alibi=True), "softcap", 2.0),
+    ("causal", Params(batch=2, heads=4, seq_len=45, head_dim=16, documents=4), "documents", 8),
+    ("multi_head", Params(batch=2, heads=4, seq_len=45, head_dim=16, documents=3, window=4), "documents", 6),
+    (
+        "decode",
+        Params(batch=2, heads=4, kv_heads=2, seq_len=3, seq_len_kv=45, head_dim=16, window=9),
+        "window_size",
+        (9, 0),
+    ),
+]
+
+
+def _prepared(variant: str, name: str, params: Params, dtype: str = "bfloat16"):
+    from harness.prepare import prepare
+    from harness.shapes import Case
+
+    spec = VARIANTS[variant]
+    params = spec.normalize(params)
+    inputs = spec.make_inputs(params, dtype=dtype, seed=5)
+    return inputs, prepare(Case("", variant, name, replace(params, dtype=dtype)), 5, inputs=inputs)
+
+
+@pytest.mark.parametrize(("variant", "params", "key", "expected"), MODIFIED, ids=[str(i) for i in range(len(MODIFIED))])
+def test_flash_attn_maps_every_modifier_exactly(standins, variant, params, key, expected):
+    impl = registry.get(variant, "flash_attn")
+    ok, why = impl.available_for(replace(params, dtype="bfloat16"))
+    assert ok, why
+    inputs, case = _prepared(variant, "flash_attn", params)
+    base = baseline(VARIANTS[variant], inputs, registry.get(variant, "naive").fn)
+    result = base.judge(case.call())
+    assert result.accurate, result.reason
+    seen = SEEN["flash_attn_varlen_func" if key == "documents" else "flash_attn_func"]
+    assert seen[key] == expected
+
+
+@pytest.mark.parametrize(("variant", "params", "key", "expected"), MODIFIED, ids=[str(i) for i in range(len(MODIFIED))])
+def test_xformers_maps_what_it_can_and_says_why_not(standins, variant, params, key, expected):
+    impl = registry.get(variant, "xformers")
+    params = VARIANTS[variant].normalize(params)
+    ok, why = impl.available_for(replace(params, dtype="bfloat16"))
+    if params.softcap is not None:
+        assert not ok and "soft-capping" in why
+        return
+    if params.documents is not None and params.window is not None and not params.causal:
+        assert not ok and "causal documents" in why
+        return
+    if params.kv_heads is not None:
+        assert not ok
+        return
+    assert ok, why
+    inputs, case = _prepared(variant, "xformers", params)
+    assert case.setup_s is not None  # the bias object is built once, outside the calls
+    base = baseline(VARIANTS[variant], inputs, registry.get(variant, "naive").fn)
+    result = base.judge(case.call())
+    assert result.accurate, result.reason
+
+
+def test_a_window_off_by_one_in_the_adapter_would_be_caught(standins, monkeypatch):
+    # The stand-in is strict enough to tell: shift flash-attn's left window by one and the rule fails.
+    monkeypatch.setattr(
+        external, "_flash_mods", lambda causal, window, softcap, slopes: {"window_size": (window - 1, 0)}
+    )
+    inputs, case = _prepared("causal", "flash_attn", Params(batch=1, heads=2, seq_len=40, head_dim=16, window=6))
+    base = baseline(VARIANTS["causal"], inputs, registry.get("causal", "naive").fn)
+    assert not base.judge(case.call()).accurate
+
+
+def test_flash_attn_refuses_top_left_windows_across_lengths(standins):
+    impl = registry.get("cross_attention", "flash_attn")
+    ok, why = impl.available("cuda", "bfloat16", seq_len=20, seq_len_kv=40, window=4, heads=2, head_dim=16)
+    assert not ok and "window" in why and "bottom-right" in why
