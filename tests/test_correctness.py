@@ -157,9 +157,9 @@ def test_memory_efficient_rescales_when_a_later_key_tile_has_much_larger_scores(
     calls = []
     query_tile = memory_efficient_module._query_tile
 
-    def spy(*args, exact):
+    def spy(*args, exact, **options):
         calls.append(exact)
-        return query_tile(*args, exact=exact)
+        return query_tile(*args, exact=exact, **options)
 
     monkeypatch.setattr(memory_efficient_module, "_query_tile", spy)
     assert_accurate("multi_head", inputs, registry.get("multi_head", "memory_efficient"))
