@@ -32,6 +32,8 @@ def _value_type(declared: Axis) -> Any:
         value: Any = Annotated[bool, Field(strict=True)]
     elif declared.kind is int:
         value = Annotated[int, Field(strict=True, gt=declared.gt, le=declared.le)]
+    elif declared.kind is float:  # an integer is a float here (softcap: 50), a boolean is not
+        value = Annotated[float, Field(gt=declared.gt, le=declared.le), AfterValidator(_not_bool)]
     elif declared.choices:
         value = Literal[declared.choices]  # type: ignore[valid-type]
     else:
@@ -39,6 +41,12 @@ def _value_type(declared: Axis) -> Any:
     if declared.pattern:
         value = Annotated[value, AfterValidator(functools.partial(_match, declared))]
     return value | None if declared.optional else value
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
 
 
 def _match(declared: Axis, value: str) -> str:
