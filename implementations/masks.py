@@ -184,6 +184,14 @@ class Positions:
                 return False
         return True
 
+    def one_document(self, b: int, i: int, n: int, j: int, w: int) -> bool:
+        """Whether rows i..i+n-1 and keys j..j+w-1 all lie in one document (always, without documents):
+        the tile's mask then depends only on i - j."""
+        if self.bounds is None:
+            return True
+        doc = self.bounds[b][i]
+        return self.bounds[b][i + n - 1] == doc and doc[0] <= j and j + w <= doc[1]
+
     def allowed(self, rows: torch.Tensor, cols: torch.Tensor, b: slice | int | None = None) -> torch.Tensor | None:
         """Boolean (B|1, rows, cols), True = visible, for query rows `rows` and keys `cols` (batch rows `b`
         of the documents: all by default); None when everything is visible."""

@@ -288,7 +288,7 @@ def _key_tiles(
             masks.append(tile.reshape(tile.shape[0] // ratio, ratio * n, w))
         cols = None
         if not where.all_visible(b, i, n, j, w):  # a tile on the diagonal, the window's edge or a document's
-            key = None if memo is None or where.cu_seqlens is not None else (i - j, n, w)
+            key = None if memo is None or not where.one_document(b, i, n, j, w) else (i - j, n, w)
             allowed = None if key is None else memo.get(key)
             if allowed is None:
                 cols = torch.arange(j, j + w, device=device)
