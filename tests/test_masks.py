@@ -273,3 +273,43 @@ def test_memory_efficient_visits_only_the_keys_a_window_leaves():
     docs = Positions(n_q=100, n_kv=100, causal=True, cu_seqlens=torch.tensor([0, 30, 70, 100], dtype=torch.int32))
     tiles = me._key_tiles(docs, 0, 40, 20, 256, None, 1, None, "cpu")
     assert (tiles[0][0], tiles[-1][0] + tiles[-1][1]) == (30, 60)  # rows 40..59: their document from 30
+
+
+@pytest.mark.slow
+def test_a_masks_suite_records_density_documents_and_setup_and_plots_them(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    suite = tmp_path / "masks.yaml"
+    suite.write_text(
+        textwrap.dedent("""\
+        name: tiny_masks
+        variants: [causal]
+        implementations: [naive, memory_efficient, sdpa, chunked]
+        sweep:
+          - {batch: [1], heads: [2], head_dim: [16], seq_len: [128], window: [null, 16, 64], threads: [1]}
+          - {batch: [2], heads: [2], head_dim: [16], seq_len: [128], documents: [1, 4], softcap: [null, 5.0]}
+        timing: {warmup: 1, min_time_s: 0.01, min_samples: 3, max_time_s: 0.5, min_sample_time_s: 0}
+        """)
+    )
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(suite), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert ok and all(r["accurate"] for r in ok)
+    assert all(0 < r["density"] <= 1 for r in ok)
+    packed = [r for r in ok if r["params"]["documents"] == 4]
+    assert packed and all(sum(r["doc_lens"][0]) == 128 and len(r["doc_lens"]) == 2 for r in packed)
+    assert all(r.get("setup_s", 0) > 0 for r in ok if r["implementation"] == "sdpa" and r["params"]["window"])
+    skipped = [r for r in records if r["implementation"] == "sdpa" and r["params"]["softcap"]]
+    assert skipped and all(r["status"] == "skipped" and "nonlinear" in r["reason"] for r in skipped)
+    html = (out / "report.html").read_text()
+    assert "Windows and documents" in html and "against window" in html and "against documents" in html

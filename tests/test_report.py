@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.report import best_per_shape, write_report
-from harness.results import RunFolder, new_record, to_frame
+from harness.results import RunFolder, new_record, read_records, to_frame
 
 HOSTILE = '<script>alert("x")</script> & "quotes" \'single\'\nnew line ' + "long " * 200
 
@@ -156,3 +156,25 @@ def test_cli_report_verb_writes_the_report(run_dir):
     assert done.returncode == 0, done.stderr
     assert (run_dir / "report.html").exists()
     json.loads((run_dir / "env.json").read_text())
+
+
+def test_packed_documents_rank_with_their_setup_and_windows_without(tmp_path):
+    """Documents change every batch, so a mask rebuilt per batch counts against each call; a window's does not."""
+    out = tmp_path / "run"
+    with RunFolder(out) as folder:
+        for extra, name in (({"documents": 16}, "docs"), ({"window": 512}, "window")):
+            for impl, median, setup in (("masked", 1.0e-3, 5e-3), ("skips", 2.0e-3, None)):
+                record = _record(impl, 256, median).as_dict()
+                record["params"] |= extra
+                record["case_id"] += f"-{name}"
+                if setup is not None:
+                    record["setup_s"] = setup
+                folder.append(record)
+    best = {row["shape"]: row for row in best_per_shape(to_frame(read_records(out)))}
+    docs = next(row for shape, row in best.items() if "documents=16" in shape)
+    window = next(row for shape, row in best.items() if "window=512" in shape)
+    assert docs["best"] == "skips" and docs["margin"] == pytest.approx(3.0)  # (1 + 5) ms against 2 ms
+    assert window["best"] == "masked" and window["setup_s"] == pytest.approx(5e-3) and not window["setup_counted"]
+    html = write_report(out).read_text()
+    assert "Windows and documents" not in html  # one value per axis: nothing to draw against
+    assert "<th>density</th>" in html and "<th>setup s</th>" in html

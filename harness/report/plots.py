@@ -344,3 +344,55 @@ def plot_rooflines(frame: pd.DataFrame) -> list[Figure]:
             Figure(f"roofline · {device} · {dtype}", Path(f"roofline-{device}-{dtype}.png"), buffer.getvalue())
         )
     return figures
+
+
+# Axes the report draws time and TFLOP/s against, the rest of the shape fixed ("none": the axis off).
+MODIFIER_AXES = ("window", "documents")
+
+
+def _label(value: object) -> str:
+    return "none" if not _given(value) else str(int(value))
+
+
+def plot_modifiers(frame: pd.DataFrame) -> list[Figure]:
+    """Per group of cases that differ only in the window (or only in the number of documents): time and
+    TFLOP/s against it, one line per implementation, its setup dashed beside its time."""
+    figures: list[Figure] = []
+    for axis in MODIFIER_AXES:
+        if axis not in frame or frame[axis].isna().all():
+            continue
+        keys = [k for k in GROUP_KEYS if k in frame and k != axis]
+        for key, rows in frame.groupby(keys, sort=False, dropna=False):
+            values = sorted({_label(v) for v in rows[axis]}, key=lambda t: (t != "none", int(t) if t != "none" else 0))
+            if len(values) < 2:
+                continue
+            position = {v: i for i, v in enumerate(values)}
+            ok = rows[(rows["status"] == "ok") & rows["time_median"].notna()].copy()
+            if ok.empty:
+                continue
+            ok["x"] = [position[_label(v)] for v in ok[axis]]
+            fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+            for name, part in ok.groupby("implementation", sort=True):
+                part = part.sort_values("x")
+                left.plot(part["x"], part["time_median"] * 1e3, marker="o", color=colour(name), label=name)
+                if "setup_s" in part and part["setup_s"].notna().any():
+                    left.plot(part["x"], part["setup_s"] * 1e3, linestyle="--", marker=".", color=colour(name))
+                right.plot(part["x"], part["tflops"], marker="o", color=colour(name), label=name)
+            for ax, what in ((left, "median ms (log; dashed: setup)"), (right, "TFLOP/s (visible pairs)")):
+                ax.set_xticks(range(len(values)), values)
+                ax.set_xlabel(axis)
+                ax.set_ylabel(what)
+                ax.grid(True, alpha=0.25)
+            left.set_yscale("log")
+            right.legend(fontsize=7, loc="best")
+            title = f"against {axis} · " + group_title(
+                tuple(dict(zip(keys, key, strict=True)).get(k) for k in GROUP_KEYS)
+            )
+            fig.suptitle(title, fontsize=9)
+            fig.tight_layout()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            plt.close(fig)
+            slug = hashlib.sha1(title.encode()).hexdigest()[:10]
+            figures.append(Figure(title, Path(f"{axis}-{slug}.png"), buffer.getvalue()))
+    return figures
