@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.variants import Inputs, Variant, combine_masks, position_bias, reference_doc_ids
+from harness.variants import (
+    Inputs,
+    Variant,
+    combine_masks,
+    position_bias,
+    reference_doc_ids,
+    reference_request_cache,
+)
 
 NAIVE_FACTOR = 2.0
 # Beyond this many score elements (B·H·Nq·Nkv) the check uses an evenly strided subset of query rows:
@@ -122,8 +129,8 @@ def judge(
 
 def check_rows(variant: Variant, inputs: Inputs) -> slice | None:
     """Which query rows the accuracy check compares (None: all of them)."""
-    if variant.kind != "dot_product":
-        return None
+    if variant.kind != "dot_product" or inputs.kwargs.get("cache_lens") is not None:
+        return None  # a ragged or paged cache is checked whole, request by request (the decode reference)
     q, k, _ = inputs.args
     elements = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     if elements <= FULL_CHECK_ELEMENTS:
@@ -216,6 +223,11 @@ def baseline(variant: Variant, inputs: Inputs, naive_fn) -> Baseline:
     scaled = inputs.args[2] if variant.kind == "dot_product" else inputs.args[0]
     magnitude = float(scaled.detach().abs().max()) if scaled.numel() else 1.0
     terms = inputs.args[1].shape[2] if variant.kind == "dot_product" else 1
+    lens = inputs.kwargs.get("cache_lens")
+    if lens is not None:  # the cache's real values only: a page's unused slots are not part of the problem
+        k, v, table = inputs.args[1], inputs.args[2], inputs.kwargs.get("block_table")
+        caches = [reference_request_cache(k, v, b, n, table)[1] for b, n in enumerate(lens.tolist())]
+        magnitude, terms = max(float(c.abs().max()) for c in caches), max(lens.tolist())
     return Baseline(reference, naive_output, rows, inputs.args[0].dtype, magnitude, terms)
 
 

@@ -260,7 +260,8 @@ class CaseRunner:
 
 
 def work_of(variant: str, params: Params, seed: int) -> dict[str, Any]:
-    """What a case's masks leave of the dense work (density) and the documents' lengths it packs."""
+    """What a case's masks leave of the dense work (density), the documents' lengths it packs and the
+    requests' cache lengths it serves."""
     from harness import shapes
     from harness.variants import get_variant
 
@@ -271,6 +272,9 @@ def work_of(variant: str, params: Params, seed: int) -> dict[str, Any]:
     lengths = shapes.document_lengths(params, seed)
     if lengths is not None:
         work["doc_lens"] = lengths
+    caches = shapes.cache_lengths(params, seed) if variant == "decode" else None
+    if caches is not None:
+        work["cache_lens"] = caches
     return work
 
 

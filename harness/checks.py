@@ -35,6 +35,40 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         check_mask(mask, q, k)
 
 
+def check_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_lens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Raise InputError unless a ragged (cache_lens) or paged (block_table) KV cache fits the decode contract:
+    k, v (B, H_kv, Nkv, D), or a pool of pages (num_pages, P, H_kv, D) with a (B, max_pages) int32 table."""
+    if cache_lens.dtype != torch.int32 or cache_lens.shape != (q.shape[0],):
+        raise InputError(
+            f"cache_lens must be int32 of shape ({q.shape[0]},), got {cache_lens.dtype} {_shape(cache_lens)}"
+        )
+    if block_table is None:
+        check_qkv(q, k, v)
+        if int(cache_lens.max()) > k.shape[2] or int(cache_lens.min()) < q.shape[2]:
+            raise InputError(f"cache_lens must lie in [Nq, Nkv] = [{q.shape[2]}, {k.shape[2]}]")
+        return
+    if k.dim() != 4 or k.shape != v.shape or k.dtype != q.dtype or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[2]:
+        raise InputError(
+            f"a paged cache is k, v (num_pages, page_size, kv_heads, head_dim) in q's dtype with kv_heads dividing "
+            f"q's heads, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise InputError(f"block_table must be int32 (batch, max_pages), got {block_table.dtype} {_shape(block_table)}")
+    needed = (cache_lens.long() + k.shape[1] - 1) // k.shape[1]
+    if int(needed.max()) > block_table.shape[1]:
+        raise InputError("block_table has fewer pages than cache_lens needs")
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < needed[:, None]
+    pages = block_table[used]
+    if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= k.shape[0]):
+        raise InputError(f"block_table names a page outside the pool of {k.shape[0]} pages")
+
+
 def check_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
     if not isinstance(mask, torch.Tensor):
         raise InputError(f"mask must be a torch.Tensor, got {type(mask).__name__}")

@@ -92,7 +92,7 @@ def prepare(case: Case, seed: int = 0, inputs: Inputs | None = None) -> Prepared
         inputs = inputs.with_grad()  # fresh leaves: each case's gradients are its own
         dout = make_dout(inputs.args[0], seed)
     prepared = Prepared(
-        impl, inputs, params, spec.flops(params, seed), spec.tokens(params), spec.bytes_moved(params), dout
+        impl, inputs, params, spec.flops(params, seed), spec.tokens(params), spec.bytes_moved(params, seed), dout
     )
     if impl.setup is not None:
         run_setup(prepared)

@@ -127,6 +127,10 @@ def check_inputs(variant: str, inputs: Inputs) -> None:
 
     if get_variant(variant).kind == "gate":
         check_gate(*inputs.args)
+    elif inputs.kwargs.get("cache_lens") is not None:
+        from harness.checks import check_cache
+
+        check_cache(*inputs.args, inputs.kwargs["cache_lens"], inputs.kwargs.get("block_table"))
     else:
         check_qkv(*inputs.args, inputs.kwargs.get("mask"))
 
@@ -180,7 +184,7 @@ class Implementation:
         missing = [name for name in wanted if name not in self.mods]
         if missing:
             has = ", ".join(sorted(self.mods)) or "none"
-            return False, f"{self.name} does not apply {' or '.join(missing)} (score modifiers it applies: {has})"
+            return False, f"{self.name} does not apply {' or '.join(missing)} (of these axes it applies: {has})"
         return True, ""
 
     def available_for(self, params: object, **extra: object) -> tuple[bool, str]:

@@ -11,7 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
@@ -157,6 +157,27 @@ class Params:
         tag=lambda v, p: "" if v is None else f"-docs{v}",
         kernel_kwarg="cu_seqlens",
     )
+    # Serving (DESIGN.md, "Paged KV caches"): decode against a pool of pages through a block table, and
+    # requests of different cache lengths.
+    page_size: int | None = axis(
+        None,
+        int,
+        "KV cache page size P: k, v a pool of pages (num_pages, P, H_kv, D) read through a block table",
+        optional=True,
+        gt=0,
+        le=1 << 20,
+        variants=("decode",),
+        tag=lambda v, p: "" if v is None else f"-p{v}",
+        kernel_kwarg="block_table",
+    )
+    ragged: bool = axis(
+        False,
+        bool,
+        "each request its own cache length, seeded in [max(Nq, Nkv/8), Nkv] (the first exactly Nkv)",
+        variants=("decode",),
+        tag=lambda v, p: "-ragged" if v else "",
+        kernel_kwarg="cache_lens",
+    )
     direction: str = axis(
         "fwd",
         str,
@@ -195,7 +216,7 @@ PARAM_AXES: tuple[str, ...] = tuple(AXES)
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Params)}
 # A case's shape in the report's tables and plot groups: the variant, the direction, then every other axis.
 SHAPE_KEYS: tuple[str, ...] = ("variant", "direction", *(a for a in PARAM_AXES if a != "direction"))
-# The score modifiers: axis name -> the kernel keyword it becomes.
+# The axes kernels receive as keyword arguments (score modifiers, documents, paging): axis name -> keyword.
 MODIFIERS: dict[str, str] = {name: a.kernel_kwarg for name, a in AXES.items() if a.kernel_kwarg}
 
 
@@ -254,12 +275,40 @@ def document_lengths(p: Params, seed: int = 0) -> list[list[int]] | None:
     return lengths
 
 
+def cache_lengths(p: Params, seed: int = 0) -> list[int] | None:
+    """Each request's KV cache length (None for one contiguous cache of Nkv per request): drawn from the
+    case's seed uniformly in [max(Nq, Nkv/8), Nkv] when `ragged`, the first request exactly Nkv; all Nkv
+    for a paged cache of equal lengths."""
+    if not p.ragged and p.page_size is None:
+        return None
+    n_kv = p.kv_len
+    if not p.ragged:
+        return [n_kv] * p.batch
+    rng = random.Random(seed)
+    low = max(p.seq_len, n_kv // 8)
+    return [n_kv] + [rng.randint(low, n_kv) for _ in range(p.batch - 1)]
+
+
+def cache_bytes(p: Params, seed: int = 0) -> float:
+    """Bytes of k and v a decode call must read: each request's own length, and whole pages when paged
+    (a page's unused tail is fetched with it)."""
+    lengths = cache_lengths(p, seed) or [p.kv_len] * p.batch
+    if p.page_size is not None:
+        lengths = [-(-n // p.page_size) * p.page_size for n in lengths]
+    return float(2 * DTYPE_BYTES[p.dtype] * p.kv_head_count * p.head_dim * sum(lengths))
+
+
 def visible_pairs(p: Params, seed: int = 0, bottom_right: bool = False) -> int:
     """(query, key) pairs one head computes over the batch: what causality, the window and the documents
     leave visible. Query i sits at position i (top-left) or Nkv - Nq + i (`bottom_right`, decode, which is
     always causal: its new tokens follow the cache)."""
     import numpy as np
 
+    lengths = cache_lengths(p, seed) if bottom_right else None
+    if lengths is not None:  # each request against its own cache, bottom-right
+        return sum(
+            visible_pairs(replace(p, batch=1, seq_len_kv=n, ragged=False, page_size=None), seed, True) for n in lengths
+        )
     n_q, n_kv = p.seq_len, p.kv_len
     causal = p.causal or bottom_right
     if p.window is None and p.documents is None:
@@ -339,6 +388,12 @@ def dot_product_bytes(p: Params) -> float:
     backward = 4 * queries + 4 * keys  # q, out, dout, k, v read; dq, dk, dv written
     rows = {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}[p.direction]
     return float(DTYPE_BYTES[p.dtype] * p.batch * p.head_dim * rows)
+
+
+def decode_bytes(p: Params, seed: int = 0) -> float:
+    """q read and out written (B, H, Nq, D), and the cache as `cache_bytes` reads it: the real lengths of a
+    ragged batch, the whole pages of a paged one, so GB/s and the roofline stay honest."""
+    return float(2 * DTYPE_BYTES[p.dtype] * p.batch * p.heads * p.seq_len * p.head_dim) + cache_bytes(p, seed)
 
 
 def gate_bytes(p: Params) -> float:

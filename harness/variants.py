@@ -143,7 +143,7 @@ class Variant:
     def tokens(self, params: Params) -> int:
         return shapes.tokens(params)
 
-    def bytes_moved(self, params: Params) -> float:
+    def bytes_moved(self, params: Params, seed: int = 0) -> float:
         """The least data one call must move: each input read once, the output written once."""
         raise NotImplementedError
 
@@ -215,7 +215,7 @@ class DotProductVariant(Variant):
         """Visible (query, key) pairs over Nq·Nkv (harness.shapes.visible_pairs)."""
         return shapes.density(params, seed)
 
-    def bytes_moved(self, params: Params) -> float:
+    def bytes_moved(self, params: Params, seed: int = 0) -> float:
         return shapes.dot_product_bytes(params)
 
     def causal_offset(self, n_q: int, n_kv: int) -> int:
@@ -273,8 +273,21 @@ class DecodeVariant(DotProductVariant):
         return _check_modifiers(params)
 
     def make_inputs(self, params: Params, dtype: str | None = None, device: str | None = None, seed: int = 0) -> Inputs:
+        import torch
+
+        params = self.normalize(params)
         inputs = super().make_inputs(params, dtype, device, seed)
-        return Inputs(inputs.args, {**inputs.kwargs, "causal": inputs.args[0].shape[2] > 1})
+        kwargs = {**inputs.kwargs, "causal": inputs.args[0].shape[2] > 1}
+        lengths = shapes.cache_lengths(params, seed)
+        if lengths is None:
+            return Inputs(inputs.args, kwargs)
+        q, k, v = inputs.args
+        kwargs["cache_lens"] = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+        if params.page_size is None:
+            return Inputs((q, k, v), kwargs)
+        k_pool, v_pool, table = paged_cache(k, v, lengths, params.page_size, seed)
+        kwargs["block_table"] = table
+        return Inputs((q, k_pool, v_pool), kwargs)
 
     def flops(self, params: Params, seed: int = 0) -> float:
         return shapes.decode_flops(params, seed)
@@ -282,9 +295,72 @@ class DecodeVariant(DotProductVariant):
     def density(self, params: Params, seed: int = 0) -> float:
         return shapes.density(params, seed, bottom_right=True)
 
+    def bytes_moved(self, params: Params, seed: int = 0) -> float:
+        return shapes.decode_bytes(params, seed)
+
     def causal_offset(self, n_q: int, n_kv: int) -> int:
         """Bottom-right: the new tokens are the cache's last Nq positions."""
         return n_kv - n_q
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        """Per request against its own cache (its pages gathered in table order), bottom-right in it."""
+        import torch
+
+        lens = inputs.kwargs.get("cache_lens")
+        if lens is None:
+            return super().reference(inputs)
+        q, k, v = inputs.args
+        table = inputs.kwargs.get("block_table")
+        rest = {key: value for key, value in inputs.kwargs.items() if key not in ("cache_lens", "block_table")}
+        out = []
+        for b, n in enumerate(lens.tolist()):
+            k_b, v_b = reference_request_cache(k, v, b, n, table)
+            out.append(super().reference(Inputs((q[b : b + 1], k_b, v_b), rest)))
+        return torch.cat(out)
+
+
+# Unused slots of a request's last page: a large finite value, so a kernel that reads past its request's
+# length gets scores and values that change its output (zeros could hide the bug).
+STALE_SLOT = 1000.0
+
+
+def paged_cache(
+    k: torch.Tensor, v: torch.Tensor, lengths: list[int], page_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k, v (B, H_kv, Nkv, D) as a pool of pages (num_pages, P, H_kv, D) (flash-attn's k_cache layout)
+    and a block table (B, max_pages) int32: each request's pages are a seeded random permutation of the
+    pool (fragmented, as a server's pool is), entries past its last page -1."""
+    import torch
+
+    counts = [-(-n // page_size) for n in lengths]
+    total, widest = sum(counts), max(counts)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 2)).tolist()
+    batch, kv_heads, _, head_dim = k.shape
+    shape = (total, page_size, kv_heads, head_dim)
+    k_pool = torch.full(shape, STALE_SLOT, dtype=k.dtype, device=k.device)
+    v_pool = torch.full(shape, STALE_SLOT, dtype=v.dtype, device=v.device)
+    table = torch.full((batch, widest), -1, dtype=torch.int32)
+    used = 0
+    for b, (n, count) in enumerate(zip(lengths, counts, strict=True)):
+        for i in range(count):
+            page, start, stop = order[used + i], i * page_size, min(n, (i + 1) * page_size)
+            table[b, i] = page
+            k_pool[page, : stop - start] = k[b, :, start:stop].transpose(0, 1)
+            v_pool[page, : stop - start] = v[b, :, start:stop].transpose(0, 1)
+        used += count
+    return k_pool, v_pool, table.to(k.device)
+
+
+def reference_request_cache(
+    k: torch.Tensor, v: torch.Tensor, b: int, n: int, table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request b's cache (1, H_kv, n, D): its first n keys, or its pages read in block-table order (the
+    reference's own gather: the ground truth shares no kernel code)."""
+    if table is None:
+        return k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+    page_size = k.shape[1]
+    pages = table[b, : -(-n // page_size)].long()
+    return tuple(t[pages].flatten(0, 1)[:n].transpose(0, 1)[None] for t in (k, v))  # type: ignore[return-value]
 
 
 def _check_modifiers(params: Params) -> Params:
@@ -505,7 +581,7 @@ class GateVariant(Variant):
     def flops(self, params: Params, seed: int = 0) -> float:
         return shapes.gate_flops(params)
 
-    def bytes_moved(self, params: Params) -> float:
+    def bytes_moved(self, params: Params, seed: int = 0) -> float:
         return shapes.gate_bytes(params)
 
     def reference(self, inputs: Inputs) -> torch.Tensor:

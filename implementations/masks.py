@@ -252,3 +252,36 @@ def merge(mask: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor
     if extra.dtype == torch.bool:
         return mask.masked_fill(~extra, float("-inf"))
     return mask + extra
+
+
+# ----------------------------------------------------------------------------- ragged and paged caches
+
+
+def request_cache(
+    k: torch.Tensor, v: torch.Tensor, b: int, n: int, block_table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request b's cache as (1, H_kv, n, D): a view of its first n keys, or (paged) its pages gathered in
+    block-table order: index_select copies them, which is what a kernel without paged reads pays."""
+    if block_table is None:
+        return k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+    pages = block_table[b, : -(-n // k.shape[1])]
+    return tuple(t.index_select(0, pages).flatten(0, 1)[:n].transpose(0, 1)[None] for t in (k, v))  # type: ignore[return-value]
+
+
+def per_request(
+    kernel: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_lens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    **options: object,
+) -> torch.Tensor:
+    """A contiguous decode kernel over a ragged or paged batch: one call per request against its own cache,
+    queries at its end (kernel(q_b, k_b, v_b, causal=, offset=, **options) in the bottom-right sense)."""
+    n_q = q.shape[2]
+    out = torch.empty_like(q)
+    for b, n in enumerate(cache_lens.tolist()):
+        k_b, v_b = request_cache(k, v, b, n, block_table)
+        out[b : b + 1] = kernel(q[b : b + 1], k_b, v_b, causal=n_q > 1, offset=n - n_q, **options)
+    return out

@@ -32,8 +32,8 @@ import torch
 
 from harness.registry import register, register_tuner
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import Positions, positions
-from implementations.naive import MODS
+from implementations.masks import Positions, per_request, positions
+from implementations.naive import DECODE_MODS, MODS
 
 LOG2E = 1.4426950408889634
 # A score tile holds at most this many elements per head group on a CPU (float32: 4 MiB).
@@ -61,6 +61,9 @@ DECODE_MIN_PARTITION = 256
 # Up to this many rows per kv head, float32 scores are computed as cache x rows (see _decode).
 DECODE_CACHE_MAJOR_ROWS = 8
 DECODE_STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+# Keys per partition of a ragged or paged cache (whole pages when paged): small enough that a partition's
+# copied pages stay in cache for the two GEMMs that read them.
+PAGED_PARTITION_KEYS = 1024
 # A query tile whose row sums exceed this under the lagged maximum is redone exactly: far below
 # float32's 2**127, so nothing on the fast path can overflow unnoticed.
 OVERFLOW_LIMIT = 2.0**40
@@ -597,7 +600,69 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     return out.view(batch, heads, n_q, head_dim).to(q.dtype)
 
 
-@register("memory_efficient", variants=("decode",), mods=MODS)
+def _decode_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_lens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Flash-Decoding over a ragged batch, its cache contiguous (B, H_kv, Nkv, D) or a pool of pages
+    (num_pages, P, H_kv, D): per request, partitions of its own keys (a run of its pages, copied into one
+    small reused buffer, never the whole cache) give partial outputs and log-sum-exps, merged exactly.
+    Request b's Nq new tokens are the last Nq of its cache_lens[b] keys."""
+    batch, heads, n_q, head_dim = q.shape
+    paged = block_table is not None
+    kv_heads = k.shape[2] if paged else k.shape[1]
+    rows = heads // kv_heads * n_q  # query heads of a kv head x new tokens
+    gemm = q.dtype
+    work = torch.float64 if gemm == torch.float64 else torch.float32
+    q_rows = (q.to(work) * (scale * LOG2E)).to(gemm).reshape(batch, kv_heads, rows, head_dim)
+    cache_major = gemm in (torch.float32, torch.float64) and rows <= DECODE_CACHE_MAJOR_ROWS
+    token = torch.arange(rows, device=q.device)[:, None] % n_q  # row r is new token r % Nq
+    part = PAGED_PARTITION_KEYS
+    if paged:
+        page = k.shape[1]
+        part = max(page, part // page * page)  # whole pages per partition
+        buffers = [torch.empty((part // page, page, kv_heads, head_dim), dtype=k.dtype, device=k.device) for _ in "kv"]
+    out = torch.empty((batch, kv_heads, rows, head_dim), dtype=work, device=q.device)
+    for b, n in enumerate(cache_lens.tolist()):
+        q_b = q_rows[b]  # (H_kv, R, D)
+        last_key = token + (n - n_q)  # each row's last visible key
+        outs, maxima, sums = [], [], []
+        for start in range(0, n, part):
+            stop = min(n, start + part)
+            if paged:
+                ids = block_table[b, start // page : -(-stop // page)]
+                k_h, v_h = (
+                    torch.index_select(t, 0, ids, out=buffer[: len(ids)]).flatten(0, 1)[: stop - start].transpose(0, 1)
+                    for t, buffer in zip((k, v), buffers, strict=True)
+                )  # (H_kv, L, D) views of this partition's pages
+            else:
+                k_h, v_h = k[b, :, start:stop], v[b, :, start:stop]
+            if cache_major:
+                s = torch.bmm(k_h, q_b.transpose(1, 2)).transpose(1, 2).to(work).contiguous()  # (H_kv, R, L)
+            else:
+                s = torch.bmm(q_b, k_h.transpose(1, 2)).to(work)
+            if n_q > 1 and stop - 1 > n - n_q:
+                s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)
+            m = m.masked_fill(torch.isneginf(m), 0.0)
+            p = s.sub_(m).exp2_()
+            sums.append(p.sum(dim=-1, keepdim=True))
+            outs.append(torch.bmm(p.to(gemm), v_h).to(work))
+            maxima.append(m)
+        if len(outs) == 1:
+            out[b] = outs[0] / sums[0]
+        else:
+            m = torch.stack(maxima)
+            weight = torch.exp2(m - m.amax(dim=0))
+            out[b] = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
+    return out.view(batch, heads, n_q, head_dim).to(q.dtype)
+
+
+@register("memory_efficient", variants=("decode",), mods=DECODE_MODS)
 def memory_efficient_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -606,13 +671,21 @@ def memory_efficient_decode(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    cache_lens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     **mods: object,
 ) -> torch.Tensor:
     """Flash-Decoding: KV-cache partitions give partial outputs and log-sum-exps, merged exactly."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cache_lens is not None:
+        if mask is not None:
+            raise ValueError("memory_efficient: a user mask with a ragged or paged cache is not mapped")
+        if mods:  # score modifiers on a ragged batch: the tiled kernel per request, its pages gathered
+            return per_request(attend, q, k, v, cache_lens, block_table, scale=scale, **mods)
+        return _decode_cache(q, k, v, cache_lens, block_table, scale)
     if mask is not None or mods or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         # A user mask, a score modifier or a gradient: the tiled kernel, its queries at the cache's end (its
         # tile loop then visits only the keys a window leaves).
         offset = k.shape[2] - q.shape[2]
         return attend(q, k, v, causal=True, scale=scale, mask=mask, offset=offset, **mods)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _decode(q, k, v, causal, scale)

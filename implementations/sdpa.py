@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, fold, merge, positions, with_causal
+from implementations.masks import bottom_right_mask, fold, merge, per_request, positions, with_causal
 
 
 @functools.cache
@@ -113,10 +113,13 @@ def _availability(backend: SDPBackend | None, decode: bool = False):
         window: int | None = None,
         alibi: bool = False,
         documents: int | None = None,
+        page_size: int | None = None,
         **_: object,
     ) -> tuple[bool, str]:
         if softcap is not None:
             return False, SOFTCAP_REASON
+        if page_size is not None:
+            return False, PAGED_REASON
         masked = masked or window is not None or alibi or documents is not None  # they arrive as a mask
         if device is None:
             # "In general": does it run on any device this machine has, in a dtype it is meant for?
@@ -143,6 +146,10 @@ def _availability(backend: SDPBackend | None, decode: bool = False):
 
 # Window, ALiBi and documents become one dense mask or bias from `setup`; softcap cannot (see below).
 MODS = ("window", "alibi", "documents")
+PAGED_REASON = (
+    "scaled_dot_product_attention reads one contiguous cache per call, not pages through a block table "
+    "(a gather of every request's pages would be another kernel's work, not done silently)"
+)
 SOFTCAP_REASON = (
     "softcap is nonlinear in the score (c·tanh(s/c)) and scaled_dot_product_attention takes only an "
     "additive mask, so it cannot apply it"
@@ -183,8 +190,17 @@ def _make(name: str, backend: SDPBackend | None, decode: bool = False):
         mask: torch.Tensor | None = None,
         position_mask: torch.Tensor | None = None,
         empty_rows: torch.Tensor | None = None,
+        cache_lens: torch.Tensor | None = None,
         **mods: object,
     ) -> torch.Tensor:
+        if cache_lens is not None:  # a ragged batch: one call per request on a view of its own keys
+            if mods or mask is not None:
+                raise ValueError(f"{name}: score modifiers or a mask with a ragged cache are not mapped")
+
+            def one(q_b, k_b, v_b, *, causal, offset, scale):
+                return _call(backend, q_b, k_b, v_b, causal, scale, None, decode=True)
+
+            return per_request(one, q, k, v, cache_lens, None, scale=scale)
         if mods and position_mask is None:  # called directly, without the registry's setup
             prepared = setup(q, k, v, causal=causal, **mods)
             position_mask, empty_rows = prepared.get("position_mask"), prepared.get("empty_rows")
@@ -200,7 +216,7 @@ def _make(name: str, backend: SDPBackend | None, decode: bool = False):
         ("decode",) if decode else DOT_PRODUCT_VARIANTS,
         summary=f"torch scaled_dot_product_attention, {what}" + (" (decode: causal_lower_right)" if decode else ""),
         available=_availability(backend, decode),
-        mods=MODS,
+        mods=(*MODS, "ragged") if decode else MODS,
         setup=setup,
     )(sdpa)
     return sdpa
