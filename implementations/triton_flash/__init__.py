@@ -136,7 +136,12 @@ def triton_attention(
     return _attention(q, k, v, causal, scale, mask, 0, **mods)
 
 
-@register("triton", variants=("decode",), available=triton_available, compiles=True, mods=MODS)
+# Decode also reads ragged and paged caches: each program loads its request's length, and every key
+# through the block table (page key // P, slot key % P), so a page size need not divide anything.
+DECODE_MODS = ("window", "softcap", "alibi", "page_size", "ragged")
+
+
+@register("triton", variants=("decode",), available=triton_available, compiles=True, mods=DECODE_MODS)
 def triton_decode(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -58,6 +58,23 @@ def _load(ptr, rows, cols, n_rows, n_cols, stride_row, stride_col, UPCAST: tl.co
 
 
 @triton.jit
+def _load_rows(
+    base, row_offsets, dims, keys, n_keys, HEAD_DIM, stride_dim, UPCAST: tl.constexpr, TRANSPOSED: tl.constexpr
+):
+    """Keys at arbitrary row offsets (a paged cache's slots): (D, N) when TRANSPOSED, else (N, D); zeros
+    past `n_keys` (a request's length: the unused slots of its last page are never read)."""
+    if TRANSPOSED:
+        mask = (dims[:, None] < HEAD_DIM) & (keys[None, :] < n_keys)
+        tile = tl.load(base + row_offsets[None, :] + dims[:, None] * stride_dim, mask=mask, other=0.0)
+    else:
+        mask = (keys[:, None] < n_keys) & (dims[None, :] < HEAD_DIM)
+        tile = tl.load(base + row_offsets[:, None] + dims[None, :] * stride_dim, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _scores(
     q, k_t, rows, keys, b, h, scale, N_Q, N_KV, OFFSET, W, CAP, SLOPES, DOC,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -141,10 +158,12 @@ def _forward_kernel(
     scale,  # the softmax scale; scores leave _scores in base 2, so exp2 replaces exp
     H, GROUP, N_Q, N_KV, HEAD_DIM, OFFSET,  # OFFSET: query i sits at position i + OFFSET
     W, CAP, SLOPES, DOC, START, END,  # window, softcap, ALiBi slopes (H,), documents: ids, first, last + 1
+    CACHE_LENS, BLOCK_TABLE, PAGE, MAX_PAGES,  # a ragged batch's lengths (B,); a paged cache's table (B, MAX_PAGES)
     N_Q_CLASS, N_KV_CLASS,  # autotuning keys only
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_LENS: tl.constexpr, HAS_PAGES: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1) // H
@@ -153,10 +172,16 @@ def _forward_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
+    if HAS_LENS:  # this request's own cache length; its new tokens are its last N_Q keys
+        N_KV = tl.load(CACHE_LENS + b)
+        OFFSET = N_KV - N_Q
 
     q = _load(Q + b * sqb + h * sqh, rows, dims, N_Q, HEAD_DIM, sqm, sqd, UPCAST)  # (M, D), stays on chip
     k_base = K + b * skb + kv * skh
     v_base = V + b * svb + kv * svh
+    if HAS_PAGES:  # k, v are a pool (pages, PAGE, H_kv, D): strides skb/svb step pages, skn/svn tokens
+        k_base = K + kv * skh
+        v_base = V + kv * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalised output
@@ -165,7 +190,11 @@ def _forward_kernel(
     lo, hi = _key_bounds(b, start_m, N_Q, N_KV, OFFSET, W, START, END, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + cols
-        k_t = _load(k_base, dims, keys, HEAD_DIM, hi, skd, skn, UPCAST)  # (D, N): k read transposed
+        if HAS_PAGES:  # every key through its page: table entry key // PAGE, slot key % PAGE
+            page = tl.load(BLOCK_TABLE + b * MAX_PAGES + keys // PAGE, mask=keys < hi, other=0).to(tl.int64)
+            k_t = _load_rows(k_base, page * skb + (keys % PAGE) * skn, dims, keys, hi, HEAD_DIM, skd, UPCAST, True)
+        else:
+            k_t = _load(k_base, dims, keys, HEAD_DIM, hi, skd, skn, UPCAST)  # (D, N): k read transposed
         s, _ = _scores(
             q, k_t, rows, keys, b, h, scale, N_Q, N_KV, OFFSET, W, CAP, SLOPES, DOC,
             CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, HAS_DOCS, PRECISION,
@@ -176,7 +205,10 @@ def _forward_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)  # rescales what earlier tiles accumulated
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base, keys, dims, hi, HEAD_DIM, svn, svd, UPCAST)  # (N, D)
+        if HAS_PAGES:
+            v = _load_rows(v_base, page * svb + (keys % PAGE) * svn, dims, keys, hi, HEAD_DIM, svd, UPCAST, False)
+        else:
+            v = _load(v_base, keys, dims, hi, HEAD_DIM, svn, svd, UPCAST)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -343,7 +375,8 @@ def _common(
     """The kernels' shared arguments; `mods`: window, softcap, alibi_slopes and (as `documents` made) the
     per-token document arrays DOC, START, END."""
     mods = mods or {}
-    heads, kv_heads = q.shape[1], k.shape[1]
+    paged = mods.get("block_table") is not None
+    heads, kv_heads = q.shape[1], k.shape[2] if paged else k.shape[1]
     upcast = INTERPRETED and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong (triton#11584)
     # float32: IEEE dots (CUDA cores) unless TF32 is allowed, as torch's own matmul decides. Half types
     # take the tensor cores whatever is asked; "tf32" is triton's default, so theirs stays the default.
@@ -354,7 +387,7 @@ def _common(
         "H": heads,
         "GROUP": heads // kv_heads,
         "N_Q": q.shape[2],
-        "N_KV": k.shape[2],
+        "N_KV": k.shape[2] if not paged else int(mods["block_table"].shape[1]) * k.shape[1],
         "HEAD_DIM": q.shape[3],
         "OFFSET": offset,
         "W": int(mods.get("window") or 0),
@@ -364,7 +397,7 @@ def _common(
         "START": mods.get("START", unused),
         "END": mods.get("END", unused),
         "N_Q_CLASS": _length_class(q.shape[2]),
-        "N_KV_CLASS": _length_class(k.shape[2]),
+        "N_KV_CLASS": _length_class(k.shape[2] if not paged else int(mods["block_table"].shape[1]) * k.shape[1]),
         "CAUSAL": causal,
         "BLOCK_D": max(16, triton.next_power_of_2(q.shape[3])),
         "UPCAST": upcast,
@@ -395,7 +428,25 @@ def forward(
     def grid(config: dict) -> tuple[int, int]:
         return (triton.cdiv(n_q, config["BLOCK_M"]), batch * heads)
 
-    _forward[grid](q, k, v, out, lse, *_strides(q, k, v, out), scale, **meta)
+    lens, table = (mods or {}).get("cache_lens"), (mods or {}).get("block_table")
+    unused = meta["DOC"]
+    paging = {
+        "CACHE_LENS": unused if lens is None else lens,
+        "BLOCK_TABLE": unused if table is None else table,
+        "PAGE": k.shape[1] if table is not None else 1,
+        "MAX_PAGES": table.shape[1] if table is not None else 1,
+        "HAS_LENS": lens is not None,
+        "HAS_PAGES": table is not None,
+    }
+    if table is not None:  # the pool's strides, in the (batch, head, token, dim) slots the kernel reads
+        strides = [s for t in (q,) for s in t.stride()]
+        for t in (k, v):
+            pages, tokens, heads_, dims_ = t.stride()
+            strides += [pages, heads_, tokens, dims_]
+        strides += list(out.stride())
+    else:
+        strides = _strides(q, k, v, out)
+    _forward[grid](q, k, v, out, lse, *strides, scale, **meta, **paging)
     return out, lse
 
 
