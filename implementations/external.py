@@ -23,6 +23,7 @@ from harness.variants import DOT_PRODUCT_VARIANTS
 from implementations.masks import bottom_right_mask, fold, with_causal
 
 FLASH_DTYPES = ("float16", "bfloat16")
+FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged KV cache: page_block_size must be a multiple of 256
 
 
 def _installed(package: str) -> tuple[bool, str]:
@@ -76,6 +77,11 @@ def _check(package: str, kernel: Callable[[], Callable], dtypes: tuple[str, ...]
         if package == "flash_attn" and cross and aligned:
             return False, (
                 f"flash_attn aligns {' and '.join(aligned)} bottom-right when Nq != Nkv; the harness means top-left"
+            )
+        if package == "flash_attn" and decode and case.get("page_size") and case["page_size"] % FLASH_PAGE_MULTIPLE:
+            return False, (
+                f"flash-attn 2's paged KV cache takes page sizes divisible by {FLASH_PAGE_MULTIPLE} "
+                f"(flash_attn_with_kvcache's page_block_size), not {case['page_size']}"
             )
         if package == "xformers":
             why = _xformers_refusal(case, cross, decode)
@@ -325,7 +331,7 @@ def flash_attn(
     "flash_attn",
     variants=("decode",),
     available=_check("flash_attn", lambda: flash_attn_decode, FLASH_DTYPES, decode=True),
-    mods=("window", "softcap", "alibi"),
+    mods=("window", "softcap", "alibi", "page_size", "ragged"),
 )
 def flash_attn_decode(
     q: torch.Tensor,
@@ -338,13 +344,23 @@ def flash_attn_decode(
     window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    cache_lens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """flash-attn's flash_attn_with_kvcache: the new tokens against the cache (bottom-right causal, GQA)."""
+    """flash-attn's flash_attn_with_kvcache: the new tokens against the cache (bottom-right causal, GQA),
+    ragged through cache_seqlens, paged through block_table."""
     _flash_inputs("flash_attn_with_kvcache", q, mask)
     from flash_attn import flash_attn_with_kvcache
 
     # Decode is bottom-right, as flash-attn aligns everything with a cache: a window is causal here.
     mods = _flash_mods(True, window, softcap, alibi_slopes)
+    if cache_lens is not None:
+        mods["cache_seqlens"] = cache_lens
+    if block_table is not None:
+        # The pool (num_pages, P, H_kv, D) is flash-attn's paged k_cache layout as it is.
+        mods["block_table"] = block_table
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k, v, softmax_scale=scale, causal=causal, **mods)
+        return out.transpose(1, 2)
     # (B, Nq, H, D) and caches (B, Nkv, H_kv, D): transposed views, the head dimension contiguous.
     out = flash_attn_with_kvcache(*_bhnd_to_bnhd(q, k, v), softmax_scale=scale, causal=causal, **mods)
     return out.transpose(1, 2)

@@ -347,23 +347,30 @@ def plot_rooflines(frame: pd.DataFrame) -> list[Figure]:
 
 
 # Axes the report draws time and TFLOP/s against, the rest of the shape fixed ("none": the axis off).
-MODIFIER_AXES = ("window", "documents")
+MODIFIER_AXES = ("window", "documents", "page_size", "ragged")
 
 
 def _label(value: object) -> str:
+    if type(value).__name__ in ("bool", "bool_"):  # numpy's too: a frame's boolean column
+        return "ragged" if value else "equal"
     return "none" if not _given(value) else str(int(value))
 
 
+def _order(label: str) -> tuple:
+    return (label not in ("none", "equal"), int(label) if label.isdigit() else 0, label)
+
+
 def plot_modifiers(frame: pd.DataFrame) -> list[Figure]:
-    """Per group of cases that differ only in the window (or only in the number of documents): time and
-    TFLOP/s against it, one line per implementation, its setup dashed beside its time."""
+    """Per group of cases that differ only in the window (or the documents, the page size, equal or ragged
+    cache lengths): time and TFLOP/s (decode: GB/s under the measured copy ceiling) against it, one line per
+    implementation, its setup dashed beside its time."""
     figures: list[Figure] = []
     for axis in MODIFIER_AXES:
         if axis not in frame or frame[axis].isna().all():
             continue
         keys = [k for k in GROUP_KEYS if k in frame and k != axis]
         for key, rows in frame.groupby(keys, sort=False, dropna=False):
-            values = sorted({_label(v) for v in rows[axis]}, key=lambda t: (t != "none", int(t) if t != "none" else 0))
+            values = sorted({_label(v) for v in rows[axis]}, key=_order)
             if len(values) < 2:
                 continue
             position = {v: i for i, v in enumerate(values)}
@@ -371,14 +378,20 @@ def plot_modifiers(frame: pd.DataFrame) -> list[Figure]:
             if ok.empty:
                 continue
             ok["x"] = [position[_label(v)] for v in ok[axis]]
+            bound = key[keys.index("variant")] in MEMORY_BOUND  # decode: judged in GB/s under the copy ceiling
+            throughput = "gbps" if bound else "tflops"
             fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
             for name, part in ok.groupby("implementation", sort=True):
                 part = part.sort_values("x")
                 left.plot(part["x"], part["time_median"] * 1e3, marker="o", color=colour(name), label=name)
                 if "setup_s" in part and part["setup_s"].notna().any():
                     left.plot(part["x"], part["setup_s"] * 1e3, linestyle="--", marker=".", color=colour(name))
-                right.plot(part["x"], part["tflops"], marker="o", color=colour(name), label=name)
-            for ax, what in ((left, "median ms (log; dashed: setup)"), (right, "TFLOP/s (visible pairs)")):
+                right.plot(part["x"], part[throughput], marker="o", color=colour(name), label=name)
+            if bound and "roofline_peak_gbps" in ok and ok["roofline_peak_gbps"].notna().any():
+                ceiling = float(ok["roofline_peak_gbps"].median())
+                right.axhline(ceiling, color="black", linestyle="--", linewidth=1, label=f"copy ceiling {ceiling:.3g}")
+            ylabel = "GB/s (pages read)" if bound else "TFLOP/s (visible pairs)"
+            for ax, what in ((left, "median ms (log; dashed: setup)"), (right, ylabel)):
                 ax.set_xticks(range(len(values)), values)
                 ax.set_xlabel(axis)
                 ax.set_ylabel(what)
