@@ -103,3 +103,22 @@ def test_text_classification_end_to_end_beats_its_baselines_and_agrees_with_naiv
     assert outcome["agreement"] >= 0.99 and outcome["train_seconds"] > 0
     again = run_task("text_classification", "chunked", tmp_path)
     assert again["cached_weights"] is True and again["task_metrics"][0]["naive_value"] == accuracy["naive_value"]
+
+
+def test_serving_a_ragged_batch_through_pages_gives_the_contiguous_tokens():
+    """The chatbot's paged serving path: pages handed out as tokens arrive, read through a block table."""
+    torch.manual_seed(0)
+    prefill, decode = common.Attention("causal"), common.Attention("decode")
+    model = chatbot.GPT(prefill).eval()
+    tokens, at = chatbot.make_data(6, seed=3)
+    at = int(at[0])
+    with torch.no_grad():
+        # equal lengths: the batch path must give what the existing generate() gives
+        equal = [tokens[i, :at] for i in range(6)]
+        expected = chatbot.generate(model, tokens[:, :at], 4, prefill, decode)
+        assert torch.equal(chatbot.serve(model, equal, 4, prefill, decode, None), expected)
+        ragged = [tokens[i, : at - cut] for i, cut in enumerate([0, 3, 7, 1, 11, 5])]
+        contiguous = chatbot.serve(model, ragged, 4, prefill, decode, None)
+        for name in ("naive", "memory_efficient"):
+            decode.use(name)
+            assert torch.equal(chatbot.serve(model, ragged, 4, prefill, decode, 3), contiguous)  # pages of 3

@@ -6,7 +6,9 @@ answers the most frequent answer.
 
 Answers are generated as a server does: the prompt is prefilled through the causal kernel, which
 fills a KV cache per layer, and each new token then goes through the decode kernel against that
-cache. The record's tokens_per_s is generated tokens per second of that loop.
+cache. The record's tokens_per_s is generated tokens per second of that loop. A ragged batch of
+prompts is then served as a server does, through a paged KV cache whose pages are handed out as tokens
+arrive; its tokens must agree with the same batch in contiguous caches (task_extra: paged_agreement).
 """
 
 from __future__ import annotations
@@ -176,6 +178,106 @@ def generate(model: GPT, prompts: torch.Tensor, steps: int, prefill: Attention, 
     return torch.cat(generated, dim=1)
 
 
+# Serving a ragged batch: prompts cut to different lengths, PAGE_SIZE-token pages allocated from a shuffled
+# free list as each request's cache grows (a server's fragmented pool), SERVED_STEPS tokens each.
+PAGE_SIZE = 4
+SERVED_PROMPTS = 64
+SERVED_STEPS = 5
+
+
+def serve(
+    model: GPT, prompts: list[torch.Tensor], steps: int, prefill: Attention, decode: Attention, page_size: int | None
+) -> torch.Tensor:
+    """Greedy decoding of a batch of prompts of different lengths, as a server batches requests: each
+    prompt prefilled alone through `prefill`, then every step one decode call for the whole batch, each
+    request against its own cache length (cache_lens). With `page_size`, the caches are pages of a shared
+    pool handed out as tokens arrive, read through a block table; without, one contiguous row per request.
+    Returns the generated tokens (B, steps)."""
+    attn = model.blocks[0].attn
+    layers, batch, heads = len(model.blocks), len(prompts), attn.heads
+    head_dim = model.embed.embedding_dim // heads
+    lens = [len(p) for p in prompts]
+    longest = max(lens) + steps
+    if page_size is None:
+        k_store = torch.zeros(layers, batch, heads, longest, head_dim)
+    else:
+        pages = sum(-(-(n + steps) // page_size) for n in lens)
+        free = torch.randperm(pages, generator=torch.Generator().manual_seed(0)).tolist()
+        table = torch.full((batch, -(-longest // page_size)), -1, dtype=torch.int32)
+        k_store = torch.zeros(layers, pages, page_size, heads, head_dim)
+    v_store = torch.zeros_like(k_store)
+
+    def write(layer: int, b: int, at: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Request b's keys and values (H, n, D) at positions at.., taking a free page where one is full."""
+        if page_size is None:
+            k_store[layer, b, :, at : at + k.shape[1]] = k
+            v_store[layer, b, :, at : at + k.shape[1]] = v
+            return
+        for i in range(k.shape[1]):
+            slot, position = divmod(at + i, page_size)
+            if table[b, slot] < 0:
+                table[b, slot] = free.pop()
+            k_store[layer, table[b, slot], position] = k[:, i]
+            v_store[layer, table[b, slot], position] = v[:, i]
+
+    def layer_step(layer: int, block: Block, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = block.norm1(x)
+        q, k, v = block.attn.project(h, h)  # (B, H, 1, D)
+        for b in range(batch):
+            write(layer, b, int(lengths[b]) - 1, k[b], v[b])
+        paged = {} if page_size is None else {"block_table": table}
+        y = decode(q.contiguous(), k_store[layer], v_store[layer], causal=False, cache_lens=lengths, **paged)
+        x = x + block.attn.merge(y)
+        return x + block.mlp(block.norm2(x))
+
+    tokens = []
+    for b, prompt in enumerate(prompts):  # prefill: each prompt alone, its keys into its cache
+        x = model.embed(prompt[None]) + model.position[: len(prompt)]
+        for layer, block in enumerate(model.blocks):
+            h = block.norm1(x)
+            q, k, v = block.attn.project(h, h)
+            write(layer, b, 0, k[0], v[0])
+            x = x + block.attn.merge(prefill(q.contiguous(), k.contiguous(), v.contiguous(), causal=True))
+            x = x + block.mlp(block.norm2(x))
+        tokens.append(model.head(model.norm(x))[:, -1].argmax(-1))
+    token = torch.cat(tokens)[:, None]  # (B, 1)
+    generated = [token]
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    for _ in range(steps - 1):
+        lengths = lengths + 1
+        x = model.embed(token) + model.position[lengths.long() - 1][:, None]
+        for layer, block in enumerate(model.blocks):
+            x = layer_step(layer, block, x, lengths)
+        token = model.head(model.norm(x))[:, -1].argmax(-1, keepdim=True)
+        generated.append(token)
+    return torch.cat(generated, dim=1)
+
+
+def served(model: GPT, tokens: torch.Tensor, at: int, prefill: Attention, decode: Attention) -> dict:
+    """A ragged batch served through a paged cache against the same batch in contiguous caches: the
+    tokens must agree. A decode implementation that takes no paged or ragged cache says why."""
+    from harness import registry
+    from harness.shapes import Params
+
+    paged = Params(batch=SERVED_PROMPTS, seq_len=1, seq_len_kv=at + SERVED_STEPS, page_size=PAGE_SIZE, ragged=True)
+    ok, why = registry.get(DECODE, decode.name).available_for(paged)
+    if not ok:
+        return {"paged_serving": f"not run: {why}"}
+    g = torch.Generator().manual_seed(13)
+    cuts = torch.randint(0, 12, (SERVED_PROMPTS,), generator=g).tolist()  # prompts of 30 ... 41 tokens
+    prompts = [tokens[i, : at - cut] for i, cut in enumerate(cuts)]
+    started = time.perf_counter()
+    through_pages = serve(model, prompts, SERVED_STEPS, prefill, decode, PAGE_SIZE)
+    seconds = time.perf_counter() - started
+    contiguous = serve(model, prompts, SERVED_STEPS, prefill, decode, None)
+    return {
+        "paged_serving": f"{SERVED_PROMPTS} prompts of {min(len(p) for p in prompts)}-{max(len(p) for p in prompts)} "
+        f"tokens, {SERVED_STEPS} generated each, pages of {PAGE_SIZE}",
+        "paged_agreement": float((through_pages == contiguous).float().mean()),
+        "paged_tokens_per_s": through_pages.numel() / seconds,
+    }
+
+
 def run(implementation: str, cache_dir=None) -> tuple[Evaluation, Evaluation, dict]:
     attention, decode = Attention(VARIANT), Attention(DECODE)
     train_set, test_set = make_data(4000, seed=11), make_data(1000, seed=12)
@@ -220,7 +322,11 @@ def run(implementation: str, cache_dir=None) -> tuple[Evaluation, Evaluation, di
             ],
             generated.flatten(),  # both generated tokens: agreement covers the decode step too
             len(tokens),
-            extra={"dialogue_perplexity": ppl_all, "generated_tokens_per_s": generated.numel() / generation_s},
+            extra={
+                "dialogue_perplexity": ppl_all,
+                "generated_tokens_per_s": generated.numel() / generation_s,
+                **served(model, tokens, at, attention, decode),
+            },
         )
 
     attention.use("naive")
