@@ -17,8 +17,9 @@ An implementation that fails is a row with its reason, and the check goes on. Wi
 the reference sweeps follow (suites/self_attn_cuda.yaml, then multi_head, causal, training (fwd, bwd,
 fwd_bwd), decode and masks (windows 256/1024/4096, 1-16 packed documents: triton against flex and the
 SDPA backends) and paged decode (page sizes 16/64/256, ragged lengths to 32k: triton against
-memory_efficient, flash_attn and FlashInfer) in bfloat16) into results/reference/<gpu>-<date>/, with this check's output beside them. Exit 0 when every check
-passes, 1 when one fails, 2 without a CUDA device (or triton).
+memory_efficient, flash_attn and FlashInfer) in bfloat16) into results/reference/<gpu>-<date>/, with
+this check's output beside them. Exit 0 when every check passes, 1 when one fails, 2 without a CUDA
+device (or triton).
 
     python tools/gpu_check.py [--rounds 3] [--published-tflops 335] [--published-decode-gbps 1800] [--reference]
 """
