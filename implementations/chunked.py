@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import group_heads, grouped_matmul, merge, per_request, positions, softcapped
+from implementations.masks import decode_kernel, group_heads, grouped_matmul, merge, positions, softcapped
 from implementations.naive import DECODE_MODS, MODS
 
 # Score elements per chunk across all heads: 4M float32 = 16 MiB, small enough to stay near cache.
@@ -104,21 +104,10 @@ def chunked(
     return attend(q, k, v, causal=causal, scale=scale, mask=mask, **mods)
 
 
-@register("chunked", variants=("decode",), mods=DECODE_MODS)
-def chunked_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-    cache_lens: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    **mods: object,
-) -> torch.Tensor:
-    """Query chunks with an exact softmax each, the new tokens at the end of the cache (bottom-right); a
-    ragged or paged batch request by request, each request's pages gathered (inside the timed call)."""
-    if cache_lens is not None:
-        return per_request(attend, q, k, v, cache_lens, block_table, scale=scale, **mods)
-    return attend(q, k, v, causal=causal, scale=scale, mask=mask, offset=k.shape[2] - q.shape[2], **mods)
+chunked_decode = register("chunked", variants=("decode",), mods=DECODE_MODS)(
+    decode_kernel(
+        attend,
+        "Query chunks with an exact softmax each, the new tokens at the end of the cache (bottom-right); a "
+        "ragged or paged batch request by request, each request's pages gathered (inside the timed call).",
+    )
+)

@@ -285,3 +285,29 @@ def per_request(
         k_b, v_b = request_cache(k, v, b, n, block_table)
         out[b : b + 1] = kernel(q[b : b + 1], k_b, v_b, causal=n_q > 1, offset=n - n_q, **options)
     return out
+
+
+def decode_kernel(attend: Callable, summary: str) -> Callable:
+    """A decode kernel from a kernel that places its queries at `offset`: the new tokens at the cache's end
+    (bottom-right), and a ragged or paged batch request by request (`per_request`, pages gathered)."""
+
+    def decode(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+        cache_lens: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None,
+        **mods: object,
+    ) -> torch.Tensor:
+        if cache_lens is not None:
+            return per_request(attend, q, k, v, cache_lens, block_table, scale=scale, **mods)
+        return attend(q, k, v, causal=causal, scale=scale, mask=mask, offset=k.shape[2] - q.shape[2], **mods)
+
+    decode.__doc__ = summary
+    decode.__module__ = attend.__module__
+    decode.__name__ = decode.__qualname__ = attend.__module__.rsplit(".", 1)[-1] + "_decode"
+    return decode

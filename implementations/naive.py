@@ -6,7 +6,7 @@ import torch
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import group_heads, grouped_matmul, merge, per_request, positions, softcapped
+from implementations.masks import decode_kernel, group_heads, grouped_matmul, merge, positions, softcapped
 
 # Every score modifier: naive computes the whole score matrix, so each is one more elementwise step.
 MODS = ("window", "softcap", "alibi", "documents")
@@ -62,21 +62,10 @@ def naive(
     return attend(q, k, v, causal=causal, scale=scale, mask=mask, **mods)
 
 
-@register("naive", variants=("decode",), mods=DECODE_MODS)
-def naive_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-    cache_lens: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    **mods: object,
-) -> torch.Tensor:
-    """Textbook attention, the new tokens at the end of the cache (bottom-right); a ragged or paged batch
-    request by request, each request's pages gathered (inside the timed call)."""
-    if cache_lens is not None:
-        return per_request(attend, q, k, v, cache_lens, block_table, scale=scale, **mods)
-    return attend(q, k, v, causal=causal, scale=scale, mask=mask, offset=k.shape[2] - q.shape[2], **mods)
+naive_decode = register("naive", variants=("decode",), mods=DECODE_MODS)(
+    decode_kernel(
+        attend,
+        "Textbook attention, the new tokens at the end of the cache (bottom-right); a ragged or paged batch "
+        "request by request, each request's pages gathered (inside the timed call).",
+    )
+)
