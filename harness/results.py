@@ -38,8 +38,8 @@ RECORD_KEYS = (
     "accurate",
 )
 # 1: the unversioned records of the first release; 2: `schema_version` written; 3: typed nested values,
-# every axis in `params` (see MIGRATIONS).
-SCHEMA_VERSION = 3
+# every axis in `params`; 4: the score-modifier and paging axes, FLOPs over visible pairs (see MIGRATIONS).
+SCHEMA_VERSION = 4
 JSONL = "results.jsonl"
 MIN_FREE_BYTES = 16 << 20
 # Where runs, gates and profiles go unless told otherwise (relative to the cwd: a run's results are the
@@ -219,8 +219,15 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v3_to_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 adds the axes window, softcap, alibi, documents, page_size and ragged (older records: off)
+    and counts FLOPs over visible pairs (a causal record's tflops is now N(N+1)/2 pairs, 1/N above N²/2;
+    older records keep the figure they were measured with)."""
+    return _v2_to_v3(data)
+
+
 # How a record of each older version becomes one of the next (pyperf keeps its format history so).
-MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 class Record(Measured, _TaskMetricKeys):
