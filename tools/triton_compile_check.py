@@ -30,16 +30,20 @@ SMEM_LIMIT_KIB = {80: 163, 86: 99, 89: 99, 90: 227}
 
 def _signature(fn, pointer: str, constexprs: dict) -> dict[str, str]:
     """Every argument's type for triton.compile: pointers by name, scales float, the rest int32."""
-    floats = {"qk_scale", "scale"}
+    floats = {"qk_scale", "scale", "CAP"}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "SLOPES"):
             signature[name] = "*fp32"
+        elif name in ("DOC", "START", "END", "CACHE_LENS", "BLOCK_TABLE"):
+            signature[name] = "*i32"
+        elif name in floats:
+            signature[name] = "fp32"
         elif (
             name.isupper()
-            and name not in ("H", "GROUP", "N_Q", "N_KV", "HEAD_DIM", "OFFSET")
+            and name not in ("H", "GROUP", "N_Q", "N_KV", "HEAD_DIM", "OFFSET", "W", "PAGE", "MAX_PAGES")
             and not name.endswith("_CLASS")
         ):
             signature[name] = f"*{pointer}"
@@ -66,7 +70,7 @@ def main() -> int:
     from implementations.triton_flash import kernels
 
     failures = 0
-    print(f"{'kernel':12s} {'arch':>4s} {'dtype':9s} {'D':>4s} {'causal':6s} {'tile':8s} {'warps':>5s} {'stages':>6s}"
+    print(f"{'kernel':12s} {'arch':>4s} {'dtype':9s} {'D':>4s} {'causal':10s} {'tile':8s} {'warps':>5s} {'stages':>6s}"
           f" {'smem KiB':>8s}")  # fmt: skip
     jobs = [
         ("forward", kernels._forward_kernel, kernels._configs()[: args.configs]),
@@ -79,19 +83,24 @@ def main() -> int:
             for dtype in args.dtype:
                 for head_dim in args.head_dim:
                     fitting = 0
-                    for causal in (False, True):
+                    # Plain, then with every modifier (window, softcap, ALiBi, documents; forward: a paged
+                    # ragged cache too) compiled in: the constexpr branches a plain compile never sees.
+                    flags = [name for name in fn.arg_names if name.startswith("HAS_")]
+                    for causal, modified in ((False, False), (True, False), (True, True)):
                         for config in configs:
                             constexprs = {
                                 "CAUSAL": causal,
                                 "BLOCK_D": triton.next_power_of_2(head_dim),
                                 "UPCAST": False,
                                 "PRECISION": "ieee" if dtype == "float32" else "tf32",
+                                **dict.fromkeys(flags, modified),
                                 **config.kwargs,
                             }
                             source = ASTSource(fn, _signature(fn, TYPES[dtype], constexprs), constexprs)
                             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
                             tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                            row = f"{name:12s} {arch:4d} {dtype:9s} {head_dim:4d} {causal!s:6s} {tile:8s}"
+                            what = f"{causal!s}{'+mods' if modified else ''}"
+                            row = f"{name:12s} {arch:4d} {dtype:9s} {head_dim:4d} {what:10s} {tile:8s}"
                             row += f" {config.num_warps:5d} {config.num_stages:6d}"
                             try:
                                 compiled = triton.compile(source, target=target, options=options)
