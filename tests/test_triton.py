@@ -108,4 +108,5 @@ def test_the_kernels_compile_for_an_h100_without_one():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all compiled" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith(("forward", "backward_kv", "backward_q"))]
-    assert len(rows) == 3 * 2 * 2  # kernels x dtypes x causal
+    assert len(rows) == 3 * 2 * 3  # kernels x dtypes x (plain, causal, causal with every modifier and paging)
+    assert sum("+mods" in row for row in rows) == 3 * 2
