@@ -178,3 +178,25 @@ def test_packed_documents_rank_with_their_setup_and_windows_without(tmp_path):
     html = write_report(out).read_text()
     assert "Windows and documents" not in html  # one value per axis: nothing to draw against
     assert "<th>density</th>" in html and "<th>setup s</th>" in html
+
+
+def test_decode_is_drawn_in_gb_per_s_against_the_page_size_under_the_copy_ceiling(tmp_path):
+    from harness.report.plots import plot_modifiers
+
+    out = tmp_path / "run"
+    with RunFolder(out) as folder:
+        for page in (None, 16, 256):
+            for impl, gbps in (("memory_efficient", 7.0), ("naive", 2.0)):
+                record = _record(impl, 1, 1e-3).as_dict()
+                record["variant"] = "decode"
+                record["params"] |= {"seq_len_kv": 4096, "page_size": page, "ragged": True}
+                record["case_id"] = f"decode/{impl}/p{page}"
+                record |= {
+                    "gbps": gbps,
+                    "roofline": {"bound": "memory", "fraction": 0.5, "peak_tflops": 1.0, "peak_gbps": 14.0},
+                }
+                folder.append(record)
+    figures = plot_modifiers(to_frame(read_records(out)))
+    assert [f.title.split(" · ")[0] for f in figures] == ["against page_size"]
+    html = write_report(out).read_text()
+    assert "against page_size" in html
