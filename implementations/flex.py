@@ -109,7 +109,11 @@ def flex_setup(decode: bool):
     window, documents), built once (setup_s), as a model builds it once per batch (documents change
     every batch, so a training step pays it every step)."""
 
-    def setup(q, k, v, *, causal: bool = False, mask=None, window=None, cu_seqlens=None, **_: object) -> dict:
+    def setup(
+        q, k, v, *, causal: bool = False, mask=None, window=None, cu_seqlens=None, cache_lens=None, **rest: object
+    ) -> dict:
+        if cache_lens is not None:
+            return _cache_setup(q, k, cache_lens, rest.get("block_table"))
         if window is None and cu_seqlens is None:
             return {}
         if flex_attention is None:
@@ -131,6 +135,36 @@ def flex_setup(decode: bool):
         return {"block_mask": built}
 
     return setup
+
+
+def _cache_setup(q: torch.Tensor, k: torch.Tensor, cache_lens: torch.Tensor, block_table: torch.Tensor | None) -> dict:
+    """A ragged or paged batch as attention-gym's paged attention does it: every physical key slot (the pool's
+    pages laid end to end) gets its logical position in each request's cache (-1: not that request's), and
+    a mask_mod lets query i of request b see slot s only when 0 <= logical[b, s] <= len_b - Nq + i; the block
+    mask then skips the pool's blocks a request does not own. Built once (setup_s), as a server builds it
+    once per batch layout."""
+    if flex_attention is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    batch, n_q = q.shape[0], q.shape[2]
+    lens = cache_lens.long()
+    if block_table is None:  # contiguous rows: slot = position, up to each request's length
+        slots = torch.arange(k.shape[2], device=q.device)
+        logical = torch.where(slots[None, :] < lens[:, None], slots[None, :], -1)
+    else:
+        pages, page = k.shape[0], k.shape[1]
+        logical = torch.full((batch, pages * page), -1, dtype=torch.long, device=q.device)
+        for b, n in enumerate(lens.tolist()):
+            owned = block_table[b, : -(-n // page)].long()
+            slots = (owned[:, None] * page + torch.arange(page, device=q.device)[None, :]).flatten()[:n]
+            logical[b, slots] = torch.arange(n, device=q.device)
+    last = lens - n_q  # each request's first new token's position
+
+    def owned_and_causal(b, h, q_idx, kv_idx):
+        position = logical[b, kv_idx]
+        return (position >= 0) & (position <= last[b] + q_idx)
+
+    built = create_block_mask(owned_and_causal, batch, None, n_q, logical.shape[1], device=q.device)
+    return {"block_mask": built}
 
 
 def _flex(
@@ -200,7 +234,21 @@ def flex(
     return _flex(q, k, v, causal, scale, mask, 0, block_mask, **mods)
 
 
-@register("flex", variants=("decode",), available=flex_available, compiles=True, mods=MODS, setup=flex_setup(True))
+def flex_decode_available(device: str | None = None, **case: object) -> tuple[bool, str]:
+    served = case.get("page_size") is not None or case.get("ragged")
+    if served and (case.get("window") is not None or case.get("softcap") is not None or case.get("alibi")):
+        return False, "the flex adapter maps ragged and paged caches without score modifiers"
+    return flex_available(device=device, **case)
+
+
+@register(
+    "flex",
+    variants=("decode",),
+    available=flex_decode_available,
+    compiles=True,
+    mods=("window", "softcap", "alibi", "page_size", "ragged"),
+    setup=flex_setup(True),
+)
 def flex_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,6 +263,15 @@ def flex_decode(
     **mods: object,
 ) -> torch.Tensor:
     """torch flex_attention under torch.compile, decode's causality a bottom-right mask_mod."""
+    cache_lens, block_table = mods.pop("cache_lens", None), mods.pop("block_table", None)
+    if cache_lens is not None:
+        if mods or mask is not None or window is not None:
+            raise ValueError("flex: score modifiers or a mask with a ragged or paged cache are not mapped")
+        if block_mask is None:  # a direct call, no setup
+            block_mask = _cache_setup(q, k, cache_lens, block_table)["block_mask"]
+        if block_table is not None:  # the pool's pages end to end: (B, H_kv, pages·P, D) views, no copy
+            k, v = (t.flatten(0, 1).transpose(0, 1)[None].expand(q.shape[0], -1, -1, -1) for t in (k, v))
+        return _flex(q, k, v, False, scale, None, 0, block_mask)
     if block_mask is None and window is not None:  # a direct call, no setup
         block_mask = flex_setup(True)(q, k, v, causal=causal, mask=mask, window=window)["block_mask"]
     return _flex(q, k, v, causal and q.shape[2] > 1, scale, mask, k.shape[2] - q.shape[2], block_mask, **mods)

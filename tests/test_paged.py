@@ -167,3 +167,20 @@ def test_paging_is_for_decode_and_bad_tables_are_input_errors():
         registry.check_inputs(
             "decode", replace(inputs, kwargs={**inputs.kwargs, "cache_lens": inputs.kwargs["cache_lens"].long()})
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
+def test_flex_reads_pages_as_attention_gym_does(params):
+    params = DECODE.normalize(params)
+    impl = registry.get("decode", "flex")
+    ok, why = impl.available_for(params)
+    if not ok:
+        pytest.skip(why)
+    inputs = DECODE.make_inputs(params, seed=3)
+    base = baseline(DECODE, inputs, registry.get("decode", "naive").fn)
+    case = prepare(Case("", "decode", "flex", params), 3, inputs=inputs)
+    assert case.setup_s is not None  # the block mask over the pool's slots, built once
+    assert base.judge(case.call()).accurate
+    ok, why = impl.available_for(replace(params, window=8))
+    assert not ok and "without score modifiers" in why
