@@ -87,8 +87,11 @@ def _given(value: object) -> bool:
 
 def _setup_per_batch(row: Any) -> bool:
     """Whether a user pays the case's setup with every call: packed documents change every batch (their
-    dense or block mask is rebuilt per step), a window or ALiBi is fixed for the model's life."""
-    return _given(row.get("documents")) and _given(row.get("setup_s"))
+    dense or block mask is rebuilt per step), and a server's batch layout changes every decode step (every
+    request's cache grows: FlashInfer is planned again, a paged block mask rebuilt); a window or ALiBi is
+    fixed for the model's life."""
+    per_step = _given(row.get("documents")) or _given(row.get("page_size")) or row.get("ragged") is True
+    return bool(per_step) and _given(row.get("setup_s"))
 
 
 def _per_call_cost(row: Any) -> float:
