@@ -58,8 +58,8 @@ def test_logits_under_left_padding_and_gqa_match_eager(name):
 def test_a_model_argument_the_kernel_cannot_apply_is_an_error_naming_it():
     forward = attention_forward("memory_efficient")
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(UnsupportedByBackend, match="softcap=.*memory_efficient cannot apply"):
-        forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+    with pytest.raises(UnsupportedByBackend, match="softcap=.*sdpa cannot apply"):
+        attention_forward("sdpa")(torch.nn.Module(), q, q, q, None, softcap=50.0)
     with pytest.raises(UnsupportedByBackend, match="attention sinks"):
         forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
     training = torch.nn.Module().train()
@@ -187,3 +187,20 @@ def test_the_llm_verb_runs_a_users_config_and_writes_a_report(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "no such config file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["naive", "memory_efficient"])
+def test_gemma2s_soft_capped_scores_match_eager(name):
+    """Gemma 2 passes softcap= to its backend: a kernel that soft-caps gets it, and matches eager."""
+    (backend,) = register(name)
+    config = llm.load_config("gemma2")
+    eager, mine = (llm._model(config, attn, torch.float32, 0) for attn in ("eager", backend))
+    ids, mask = llm._inputs(config, llm.DEFAULTS | TINY)
+    real = mask.bool()
+    want, got = llm._logits(eager, ids, mask), llm._logits(mine, ids, mask)
+    assert (want - got)[real].abs().max() < 1e-4
+    # ... and ignoring the cap would be seen: it changes this model's logits
+    uncapped = llm.load_config("gemma2")
+    uncapped.attn_logit_softcapping = None
+    plain = llm._model(uncapped, "eager", torch.float32, 0)
+    assert (want - llm._logits(plain, ids, mask))[real].abs().max() > 1e-3

@@ -37,10 +37,11 @@ from harness.registry import name_matches
 
 PREFIX = "harness-"
 ATTENTION_EVENT = "harness.attention"
-# Keyword arguments transformers' models pass to an attention backend that change the math; the harness's
-# kernels take none of them (yet), so a model that passes one gets an error, not a different model.
+# Keyword arguments transformers' models pass to an attention backend that change the math and no harness
+# kernel takes (yet): a model that passes one gets an error, not a different model. Soft-capping (Gemma 2's
+# `softcap=`) goes to the kernels that apply it (registry `mods`), and is this error for the others.
+SOFTCAP = "soft-capping of the scores"
 UNSUPPORTED = {
-    "softcap": "soft-capping of the scores",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
     "position_bias": "a position bias added to the scores",
@@ -80,9 +81,9 @@ def backend_name(implementation: str) -> str:
     return PREFIX + implementation.replace("sdpa", "torch-sdp").replace("flash", "fa")
 
 
-def _kernel(implementation: str, variant: str) -> Callable | None:
+def _kernel(implementation: str, variant: str) -> registry.Implementation | None:
     try:
-        return registry.get(variant, implementation).fn
+        return registry.get(variant, implementation)
     except ValueError:
         return None
 
@@ -141,9 +142,17 @@ def attention_forward(implementation: str) -> Callable:
             kernel = kernels["multi_head"]  # Nq = Nkv: top-left causality is the model's
         if kernel is None:
             raise UnsupportedByBackend(f"attn_implementation={backend!r}: {implementation} has no {variant} kernel")
+        softcap = kwargs.get("softcap")
+        if softcap is not None:
+            if "softcap" not in kernel.mods:
+                raise UnsupportedByBackend(
+                    f"attn_implementation={backend!r}: the model passes softcap= ({SOFTCAP}), which "
+                    f"{implementation} cannot apply; use 'eager' or a backend that soft-caps for this model"
+                )
+            kwargs_out["softcap"] = float(softcap)
         started = time.perf_counter()
         with record_function(ATTENTION_EVENT):  # a named range in a user's own torch.profiler traces
-            out = kernel(query, key, value, scale=scaling, **kwargs_out)  # (B, H, Nq, D)
+            out = kernel.fn(query, key, value, scale=scaling, **kwargs_out)  # (B, H, Nq, D)
         if CLOCK.running:
             CLOCK.seconds += time.perf_counter() - started
         return out.transpose(1, 2).contiguous(), None  # (B, Nq, H, D), no attention weights

@@ -58,6 +58,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
         "sliding_window": 24,
     },
+    # Gemma 2: soft-capped scores (attn_logit_softcapping: 50 in the released models; a randomly initialised
+    # tiny model's scores are ~0.01, so 0.05 here is what makes the cap change them), alternating
+    # sliding-window and full layers. Not in the default
+    # families: sdpa and the flash kernels cannot soft-cap, so it is a model to ask for by name.
+    "gemma2": {
+        "model_type": "gemma2",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 512,
+        "max_position_embeddings": 4096,
+        "sliding_window": 24,
+        "attn_logit_softcapping": 0.05,
+    },
 }
 DEFAULTS: dict[str, Any] = {
     "families": ["llama", "mistral"],
