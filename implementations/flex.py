@@ -149,14 +149,15 @@ def _cache_setup(q: torch.Tensor, k: torch.Tensor, cache_lens: torch.Tensor, blo
     lens = cache_lens.long()
     if block_table is None:  # contiguous rows: slot = position, up to each request's length
         slots = torch.arange(k.shape[2], device=q.device)
-        logical = torch.where(slots[None, :] < lens[:, None], slots[None, :], -1)
+        logical = torch.where(slots[None, :] < lens[:, None], slots[None, :], -1).to(torch.int32)
     else:
         pages, page = k.shape[0], k.shape[1]
-        logical = torch.full((batch, pages * page), -1, dtype=torch.long, device=q.device)
+        # int32: B x pool slots (64 requests over a 1.2M-slot pool: 300 MiB, not 600)
+        logical = torch.full((batch, pages * page), -1, dtype=torch.int32, device=q.device)
         for b, n in enumerate(lens.tolist()):
             owned = block_table[b, : -(-n // page)].long()
             slots = (owned[:, None] * page + torch.arange(page, device=q.device)[None, :]).flatten()[:n]
-            logical[b, slots] = torch.arange(n, device=q.device)
+            logical[b, slots] = torch.arange(n, dtype=torch.int32, device=q.device)
     last = lens - n_q  # each request's first new token's position
 
     def owned_and_causal(b, h, q_idx, kv_idx):
