@@ -311,11 +311,6 @@ def visible_pairs(p: Params, seed: int = 0, bottom_right: bool = False) -> int:
         )
     n_q, n_kv = p.seq_len, p.kv_len
     causal = p.causal or bottom_right
-    if p.window is None and p.documents is None:
-        if not causal:
-            return p.batch * n_q * n_kv
-        pos = np.arange(n_q, dtype=np.int64) + (n_kv - n_q if bottom_right else 0)
-        return p.batch * int(np.minimum(pos + 1, n_kv).sum())
     pos = np.arange(n_q, dtype=np.int64) + (n_kv - n_q if bottom_right else 0)
     lo = np.zeros(n_q, dtype=np.int64)
     hi = np.full(n_q, n_kv - 1, dtype=np.int64)
