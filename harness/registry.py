@@ -197,6 +197,10 @@ class Implementation:
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _PLUGIN_MODULES: set[str] = set()
+# The built-in implementations as their first import registered them: a reload restores these instead of
+# importing `implementations.*` again, so every module keeps its identity (a caller's reference to
+# implementations.memory_efficient, or a test's monkeypatch of it, still reaches the registered kernels).
+_BUILTINS: dict[tuple[str, str], Implementation] = {}
 _loaded = False
 
 
@@ -253,10 +257,14 @@ def register(
 
 
 def _load_builtins() -> None:
+    if _BUILTINS:
+        _REGISTRY.update(_BUILTINS)
+        return
     import implementations
 
     for info in pkgutil.iter_modules(implementations.__path__, prefix="implementations."):
         importlib.import_module(info.name)
+    _BUILTINS.update({key: impl for key, impl in _REGISTRY.items() if impl.source == "builtin"})
 
 
 def _load_entry_points() -> None:
@@ -292,7 +300,8 @@ def load() -> None:
 
 
 def reload() -> None:
-    """Forget and rediscover everything (tests install plugins at run time)."""
+    """Forget the plugins and discover them again (tests install plugins at run time); the built-ins are
+    restored as first registered, their modules not imported again."""
     global _loaded
     _REGISTRY.clear()
     _LOAD_ERRORS.clear()
@@ -300,9 +309,7 @@ def reload() -> None:
     importlib.invalidate_caches()
     import sys
 
-    stale = [
-        m for m in sys.modules if m in _PLUGIN_MODULES or m == "implementations" or m.startswith("implementations.")
-    ]
+    stale = [m for m in sys.modules if m in _PLUGIN_MODULES]
     for module in stale:
         del sys.modules[module]
     _PLUGIN_MODULES.clear()
