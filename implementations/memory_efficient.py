@@ -578,28 +578,47 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     for h0 in range(0, batch * kv_heads, head_step):
         h1 = min(batch * kv_heads, h0 + head_step)
         q_h, k_h, v_h = q_rows[h0:h1], k_f[h0:h1], v_f[h0:h1]
-        outs, maxima, sums = [], [], []
-        for start, stop in _decode_partitions(n_kv, (h1 - h0) * rows, q.device):
-            if cache_major:
-                scores = torch.bmm(k_h[:, start:stop], q_h.transpose(1, 2))  # (heads, S, R), base 2
-                s = scores.transpose(1, 2).to(work).contiguous()  # (heads, R, S): row-wise reductions run fast
-            else:
-                s = torch.bmm(q_h, k_h[:, start:stop].transpose(1, 2)).to(work)  # (heads, R, S), base 2
-            if last_key is not None and stop - 1 > n_kv - n_q:
-                s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)  # (heads, R, 1)
-            m = m.masked_fill(torch.isneginf(m), 0.0)  # a partition a row cannot see adds exactly 0
-            p = s.sub_(m).exp2_()
-            sums.append(p.sum(dim=-1, keepdim=True))
-            outs.append(torch.bmm(p.to(gemm), v_h[:, start:stop]).to(work))  # (heads, R, D), unnormalised
-            maxima.append(m)
-        if len(outs) == 1:
-            out[h0:h1] = outs[0] / sums[0]
-        else:
-            m = torch.stack(maxima)  # (P, heads, R, 1)
-            weight = torch.exp2(m - m.amax(dim=0))  # each partition's share of the row's softmax
-            out[h0:h1] = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
+        partials = [
+            _partition(
+                q_h,
+                k_h[:, start:stop],
+                v_h[:, start:stop],
+                last_key if last_key is not None and stop - 1 > n_kv - n_q else None,
+                start,
+                cache_major,
+                work,
+            )
+            for start, stop in _decode_partitions(n_kv, (h1 - h0) * rows, q.device)
+        ]
+        out[h0:h1] = _merge(partials)
     return out.view(batch, heads, n_q, head_dim).to(q.dtype)
+
+
+def _partition(q_h, k_p, v_p, last_key, start: int, cache_major: bool, work) -> tuple:
+    """One Flash-Decoding partition: rows q_h (heads, R, D) over keys k_p, v_p (heads, S, D) starting at
+    key `start`; `last_key` (R, 1), each row's last visible key, or None when the partition needs no mask.
+    Returns the unnormalised output (heads, R, D), the rows' maxima and sums (heads, R, 1), base 2."""
+    if cache_major:
+        scores = torch.bmm(k_p, q_h.transpose(1, 2))  # (heads, S, R), base 2
+        s = scores.transpose(1, 2).to(work).contiguous()  # (heads, R, S): row-wise reductions run fast
+    else:
+        s = torch.bmm(q_h, k_p.transpose(1, 2)).to(work)  # (heads, R, S), base 2
+    if last_key is not None:
+        s.masked_fill_(torch.arange(start, start + k_p.shape[1], device=s.device) > last_key, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)  # (heads, R, 1)
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # a partition a row cannot see adds exactly 0
+    p = s.sub_(m).exp2_()
+    return torch.bmm(p.to(q_h.dtype), v_p).to(work), m, p.sum(dim=-1, keepdim=True)
+
+
+def _merge(partials: list[tuple]) -> torch.Tensor:
+    """The partitions' partial outputs merged exactly by their log-sum-exps: the rows' normalised output."""
+    if len(partials) == 1:
+        out, _, total = partials[0]
+        return out / total
+    outs, maxima, sums = (torch.stack(parts) for parts in zip(*partials, strict=True))  # (P, heads, R, .)
+    weight = torch.exp2(maxima - maxima.amax(dim=0))  # each partition's share of the row's softmax
+    return (outs * weight).sum(0) / (sums * weight).sum(0)
 
 
 def _decode_cache(
@@ -636,7 +655,7 @@ def _decode_cache(
     for b, n in enumerate(cache_lens.tolist()):
         q_b = q_rows[b]  # (H_kv, R, D)
         last_key = token + (n - n_q)  # each row's last visible key
-        outs, maxima, sums = [], [], []
+        partials = []
         for start in range(0, n, part):
             stop = min(n, start + part)
             if paged:
@@ -647,24 +666,9 @@ def _decode_cache(
                 )  # (H_kv, L, D) views of this partition's pages
             else:
                 k_h, v_h = k[b, :, start:stop], v[b, :, start:stop]
-            if cache_major:
-                s = torch.bmm(k_h, q_b.transpose(1, 2)).transpose(1, 2).to(work).contiguous()  # (H_kv, R, L)
-            else:
-                s = torch.bmm(q_b, k_h.transpose(1, 2)).to(work)
-            if n_q > 1 and stop - 1 > n - n_q:
-                s.masked_fill_(torch.arange(start, stop, device=q.device) > last_key, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            m = m.masked_fill(torch.isneginf(m), 0.0)
-            p = s.sub_(m).exp2_()
-            sums.append(p.sum(dim=-1, keepdim=True))
-            outs.append(torch.bmm(p.to(gemm), v_h).to(work))
-            maxima.append(m)
-        if len(outs) == 1:
-            out[b] = outs[0] / sums[0]
-        else:
-            m = torch.stack(maxima)
-            weight = torch.exp2(m - m.amax(dim=0))
-            out[b] = (torch.stack(outs) * weight).sum(0) / (torch.stack(sums) * weight).sum(0)
+            masked = last_key if n_q > 1 and stop - 1 > n - n_q else None
+            partials.append(_partition(q_b, k_h, v_h, masked, start, cache_major, work))
+        out[b] = _merge(partials)
     return out.view(batch, heads, n_q, head_dim).to(q.dtype)
 
 
