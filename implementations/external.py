@@ -20,7 +20,7 @@ from harness import registry
 from harness.errors import first_line
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, fold, with_causal
+from implementations.masks import bottom_right_mask, merge, with_causal
 
 FLASH_DTYPES = ("float16", "bfloat16")
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged KV cache: page_block_size must be a multiple of 256
@@ -181,7 +181,7 @@ def _xformers(
         out = xops.memory_efficient_attention(*packed, attn_bias=attn_bias, scale=scale)
         return out.view(batch, n_q, heads, -1).transpose(1, 2)
     if decode and causal and mask is not None:  # decode's causality folded into the user mask
-        mask, causal = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device))), False
+        mask, causal = merge(mask, bottom_right_mask(n_q, n_kv, str(q.device))), False
     bias: object = None
     empty_rows = None
     if mask is None and causal:

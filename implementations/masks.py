@@ -36,16 +36,7 @@ def with_causal(
     """A user mask (bool or additive) and the causal mask folded into one mask of the same kind."""
     if not causal:
         return mask
-    return fold(mask, causal_mask(n_q, n_kv, device, row_ids))
-
-
-def fold(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
-    """A user mask (bool or additive, or None) restricted to the boolean `allowed`, of the same kind."""
-    if mask is None:
-        return allowed
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, float("-inf"))
+    return merge(mask, causal_mask(n_q, n_kv, device, row_ids))
 
 
 def group_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -101,7 +92,7 @@ def bottom_right(kernel: Callable) -> Callable:
     ) -> torch.Tensor:
         n_q, n_kv = q.shape[2], k.shape[2]
         if causal and n_q > 1:  # one new token sees the whole cache: no mask at all
-            mask = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
+            mask = merge(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
         return kernel(q, k, v, causal=False, scale=scale, mask=mask)
 
     return decode
@@ -134,11 +125,6 @@ class Positions:
     alibi_slopes: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     batch: int = 1
-
-    @property
-    def plain(self) -> bool:
-        """Nothing but (at most) plain top-left causality: the kernels' fast paths."""
-        return self.offset == 0 and self.window is None and self.alibi_slopes is None and self.cu_seqlens is None
 
     @functools.cached_property
     def docs(self) -> torch.Tensor | None:
@@ -178,11 +164,7 @@ class Positions:
         edge = None if self.window is None else (last - self.window, first + self.window)
         if edge is not None and (j < edge[0] or (not self.causal and j + w - 1 > edge[1])):
             return False
-        if self.bounds is not None:
-            doc = self.bounds[b][i]
-            if self.bounds[b][i + n - 1] != doc or j < doc[0] or j + w > doc[1]:
-                return False
-        return True
+        return self.one_document(b, i, n, j, w)
 
     def one_document(self, b: int, i: int, n: int, j: int, w: int) -> bool:
         """Whether rows i..i+n-1 and keys j..j+w-1 all lie in one document (always, without documents):
@@ -242,7 +224,8 @@ def positions(
 
 
 def merge(mask: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
-    """Two masks (each bool or additive, or None) as one: bool if both are, else additive."""
+    """Two masks (each bool or additive, or None) as one: bool if both are, else additive (a user mask
+    restricted to a boolean `allowed` keeps its kind)."""
     if mask is None or extra is None:
         return extra if mask is None else mask
     if mask.dtype == torch.bool and extra.dtype == torch.bool:

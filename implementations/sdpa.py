@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.registry import register
 from harness.variants import DOT_PRODUCT_VARIANTS
-from implementations.masks import bottom_right_mask, fold, merge, per_request, positions, with_causal
+from implementations.masks import bottom_right_mask, merge, per_request, positions, with_causal
 
 
 @functools.cache
@@ -55,7 +55,7 @@ def _call(
         if n_q > 1 and mask is None and _causal_lower_right() is not None:
             mask = _causal_lower_right()(n_q, n_kv)
         elif n_q > 1:
-            mask = fold(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
+            mask = merge(mask, bottom_right_mask(n_q, n_kv, str(q.device)))
     if mask is not None and causal:
         # SDPA refuses attn_mask together with is_causal; fold the causal mask in instead.
         mask, causal = with_causal(mask, True, q.shape[2], k.shape[2], q.device), False
