@@ -78,8 +78,7 @@ def attend(
         empty = chunk_mask is not None
         args = (q[..., start:stop, :], k_t[..., lo:hi], v[..., lo:hi, :], chunk_mask, scale, empty, softcap)
         if training:
-            piece = checkpoint(_chunk, *args, use_reentrant=False)
-            pieces.append(piece)
+            pieces.append(checkpoint(_chunk, *args, use_reentrant=False))
         else:
             out[..., start:stop, :] = _chunk(*args)
     return ungroup(torch.cat(pieces, dim=-2) if training else out)

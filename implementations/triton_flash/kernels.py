@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from implementations.masks import doc_ids
+
 LOG2E = 1.4426950408889634
 # Under the interpreter the kernels run on CPU tensors through numpy: one fixed tile, no autotuning.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -354,9 +356,8 @@ def documents(cu_seqlens: torch.Tensor, batch: int, n: int) -> dict[str, torch.T
     """Per token of each batch row (B·N int32 each): its document's index, first position and last + 1:
     what the kernels read to mask pairs across documents and to bound their tile loops."""
     cu = cu_seqlens.long()
-    tokens = torch.arange(batch * n, device=cu.device)
-    doc = torch.searchsorted(cu, tokens, right=True) - 1
-    row_start = tokens // n * n  # positions count from each batch row's first token
+    doc = doc_ids(cu_seqlens, batch, n).flatten()
+    row_start = torch.arange(batch * n, device=cu.device) // n * n  # positions count from each row's first token
     return {
         "DOC": doc.to(torch.int32),
         "START": (cu[doc] - row_start).to(torch.int32),
