@@ -184,11 +184,6 @@ def explicit(
     return Inputs((q[batch, heads][:, :, rows], k[batch, kv_heads], v[batch, kv_heads]), kwargs)
 
 
-def row_subset(inputs: Inputs, rows: slice, causal_offset: int = 0, dtype: torch.dtype | None = None) -> Inputs:
-    """The same problem restricted to some query rows, positions made an explicit mask (see `explicit`)."""
-    return explicit(inputs, rows, causal_offset, dtype)
-
-
 @dataclass
 class Baseline:
     """What every implementation of one case is compared with: reference and naive's output."""
@@ -214,20 +209,21 @@ def baseline(variant: Variant, inputs: Inputs, naive_fn) -> Baseline:
     else:
         q, k, _ = inputs.args
         offset = variant.causal_offset(q.shape[2], k.shape[2])
-        subset = row_subset(inputs, rows, offset)  # float64 positions for the reference
-        naive_subset = row_subset(inputs, rows, offset, q.dtype)  # what a user of naive would pass
+        subset = explicit(inputs, rows, offset)  # float64 positions for the reference
+        naive_subset = explicit(inputs, rows, offset, q.dtype)  # what a user of naive would pass
     with torch.no_grad():
         reference = variant.reference(subset)
         naive_output = naive_subset.call(naive_fn)
     # The output is a convex combination of v's rows (of x, times a sigmoid, for the gate).
-    scaled = inputs.args[2] if variant.kind == "dot_product" else inputs.args[0]
-    magnitude = float(scaled.detach().abs().max()) if scaled.numel() else 1.0
-    terms = inputs.args[1].shape[2] if variant.kind == "dot_product" else 1
     lens = inputs.kwargs.get("cache_lens")
     if lens is not None:  # the cache's real values only: a page's unused slots are not part of the problem
         k, v, table = inputs.args[1], inputs.args[2], inputs.kwargs.get("block_table")
         caches = [reference_request_cache(k, v, b, n, table)[1] for b, n in enumerate(lens.tolist())]
         magnitude, terms = max(float(c.abs().max()) for c in caches), max(lens.tolist())
+    else:
+        scaled = inputs.args[2] if variant.kind == "dot_product" else inputs.args[0]
+        magnitude = float(scaled.detach().abs().max()) if scaled.numel() else 1.0
+        terms = inputs.args[1].shape[2] if variant.kind == "dot_product" else 1
     return Baseline(reference, naive_output, rows, inputs.args[0].dtype, magnitude, terms)
 
 
