@@ -26,12 +26,13 @@ FLASH_DTYPES = ("float16", "bfloat16")
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged KV cache: page_block_size must be a multiple of 256
 
 
-def _installed(package: str) -> tuple[bool, str]:
+def _installed(package: str, extra: str = "gpu") -> tuple[bool, str]:
+    """Whether `package` imports, and if not, why: missing (and which extra installs it) or broken."""
     try:
         importlib.import_module(package)
     except ModuleNotFoundError as exc:
         if exc.name == package:
-            return False, f"{package} is not installed (pip install -e '.[gpu]' on a CUDA machine)"
+            return False, f"{package} is not installed (pip install -e '.[{extra}]' on a CUDA machine)"
         return False, f"{package} is installed but fails to import: {exc}"
     except Exception as exc:  # installed but broken, e.g. built for another torch
         return False, f"{package} is installed but fails to import: {type(exc).__name__}: {str(exc)[:120]}"

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from harness import registry
-from harness.errors import first_line
 from harness.registry import register
+from implementations.external import _installed
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's suggested float workspace for its split-KV decode
 
@@ -25,14 +25,9 @@ def _import() -> Any:
 
 
 def flashinfer_available(device: str | None = None, dtype: str | None = None, **case: object) -> tuple[bool, str]:
-    try:
-        _import()
-    except ModuleNotFoundError as exc:
-        if exc.name == "flashinfer":
-            return False, "flashinfer is not installed (pip install -e '.[flashinfer]' on a CUDA machine)"
-        return False, f"flashinfer is installed but fails to import: {first_line(exc, 160)}"
-    except Exception as exc:  # built for another torch or CUDA
-        return False, f"flashinfer is installed but fails to import: {type(exc).__name__}: {first_line(exc, 160)}"
+    ok, why = _installed("flashinfer", extra="flashinfer")
+    if not ok:
+        return ok, why
     ok, why = registry.needs_cuda(device)
     if not ok:
         return ok, why
