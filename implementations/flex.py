@@ -260,7 +260,6 @@ def flex_decode(
     mask: torch.Tensor | None = None,
     block_mask: object = None,
     window: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
     **mods: object,
 ) -> torch.Tensor:
     """torch flex_attention under torch.compile, decode's causality a bottom-right mask_mod."""
